@@ -1,0 +1,166 @@
+"""The memory bank V: one 128-d feature per training instance, sharded over devices.
+
+Paper Section 3.2: "we maintain a feature memory bank V for storing v_j", updated with the
+features computed in the current step. We follow the reference implementation
+(lemniscate.pytorch `NCEAverage`) exactly:
+
+* initial rows are uniform in [-1/sqrt(d/3), +1/sqrt(d/3)] and NOT normalised (their expected
+  squared norm is 1); `init="unit"` gives normalised Gaussian rows instead, as the paper's text
+  describes;
+* after a step, v_i <- normalise(momentum * v_i + (1 - momentum) * f_i), where v_i is the value
+  from BEFORE the step. **`momentum` weights the OLD value** (the reference's `nce_m = 0.5`);
+  some re-implementations call 1 - momentum the momentum, so say which you mean when comparing.
+  momentum = 0 writes f_i itself (the paper's Section 3.2 description).
+
+The rows are an instance-sharded array (see `sharding.py`): global shape
+`(num_shards, rows_per_shard, d)`, and `(rows_per_shard, d)` inside a mapped step. Functions that
+take an `axis_name` are meant to be called inside the mapped step; the `init_*` functions build
+the host-side/global value.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from instdisc_jax import sharding
+from instdisc_jax.sharding import AxisName, ShardLayout
+
+INITS = ("uniform", "unit")
+
+
+@flax.struct.dataclass
+class MemoryBank:
+  """Bank rows plus the static facts needed to interpret them.
+
+  Attributes:
+    rows: (rows_per_shard, d) inside a mapped step; (num_shards, rows_per_shard, d) outside.
+      float32 or bfloat16 storage; all arithmetic on them is float32.
+    num_instances: n, the number of real instances (static).
+    num_shards: D, the number of devices the instance axis is split over (static).
+  """
+
+  rows: jax.Array
+  num_instances: int = flax.struct.field(pytree_node=False)
+  num_shards: int = flax.struct.field(pytree_node=False, default=1)
+
+  @property
+  def layout(self) -> ShardLayout:
+    return ShardLayout(self.num_instances, self.num_shards)
+
+  @property
+  def dim(self) -> int:
+    return self.rows.shape[-1]
+
+
+def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
+  """x / ||x||_2 along the last axis, safe at zero."""
+  return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), eps * eps))
+
+
+def init_rows(key: jax.Array, layout: ShardLayout, dim: int, *, init: str = "uniform",
+              shards: Optional[Sequence[int]] = None, dtype=jnp.float32) -> jax.Array:
+  """Initial bank rows for the given shards, shape (len(shards), rows_per_shard, dim).
+
+  Row i's value depends only on (key, i), not on the number of shards, so a run on 8 devices and
+  a run on 1 start from the same bank. Padding rows are zero.
+
+  Args:
+    key: PRNG key.
+    layout: the instance layout.
+    dim: feature dimension d.
+    init: "uniform" (reference: U(-1/sqrt(d/3), 1/sqrt(d/3)), unnormalised) or "unit" (normalised
+      Gaussian rows).
+    shards: which shards to build (default: all). A multi-host run builds only the shards of its
+      local devices.
+    dtype: storage dtype.
+  """
+  if init not in INITS:
+    raise ValueError(f"bank init must be one of {INITS}, got {init!r}")
+  shards = np.arange(layout.num_shards) if shards is None else np.asarray(shards)
+  global_rows = (shards[:, None] * layout.rows_per_shard
+                 + np.arange(layout.rows_per_shard)[None, :])
+
+  def one_row(i):
+    row_key = jax.random.fold_in(key, i)
+    if init == "uniform":
+      bound = 1.0 / np.sqrt(dim / 3.0)
+      return jax.random.uniform(row_key, (dim,), jnp.float32, -bound, bound)
+    return l2_normalize(jax.random.normal(row_key, (dim,), jnp.float32))
+
+  @jax.jit
+  def build(global_rows):
+    rows = jax.vmap(jax.vmap(one_row))(global_rows)
+    real = (global_rows < layout.num_instances)[..., None]
+    return jnp.where(real, rows, 0.0).astype(dtype)
+
+  return build(jnp.asarray(global_rows, jnp.int32))
+
+
+def init_bank(key: jax.Array, num_instances: int, dim: int, *, num_shards: int = 1,
+              init: str = "uniform", shards: Optional[Sequence[int]] = None,
+              dtype=jnp.float32) -> MemoryBank:
+  """A bank with rows from `init_rows`; `rows` has a leading shard axis."""
+  layout = ShardLayout(num_instances, num_shards)
+  rows = init_rows(key, layout, dim, init=init, shards=shards, dtype=dtype)
+  return MemoryBank(rows=rows, num_instances=num_instances, num_shards=num_shards)
+
+
+def local_lookup(bank: MemoryBank, indices: jax.Array, axis_name: AxisName):
+  """Rows of the global-batch instances that live on this shard (no communication).
+
+  Returns `(rows, owned)`: float32 (B, d) rows, zero where `owned` is False.
+  """
+  local_row, owned = sharding.owned_rows(bank.layout, indices, axis_name)
+  rows = bank.rows[local_row].astype(jnp.float32)
+  return jnp.where(owned[:, None], rows, 0.0), owned
+
+
+def lookup(bank: MemoryBank, indices: jax.Array, axis_name: AxisName) -> jax.Array:
+  """Pre-step rows v_i of the global batch, replicated on every device: float32 (B, d).
+
+  Costs one psum of B x d floats; the objectives do not need it (each device scores the
+  positives it owns), it is here for user code that wants the positives' rows.
+  """
+  rows, _ = local_lookup(bank, indices, axis_name)
+  return sharding.psum(jax.lax.stop_gradient(rows), axis_name)
+
+
+def update(bank: MemoryBank, indices: jax.Array, features: jax.Array, *, momentum: float,
+           axis_name: AxisName, valid: Optional[jax.Array] = None) -> MemoryBank:
+  """Momentum update of the rows of the global batch owned by this shard (paper Sec. 3.2).
+
+  v_i <- normalise(momentum * v_i + (1 - momentum) * f_i), v_i being the pre-step value.
+
+  Args:
+    bank: the bank (per-shard view).
+    indices: int (B,) global instance indices of the global batch.
+    features: (B, d) features of the global batch (gradients are stopped).
+    momentum: weight of the OLD value, in [0, 1).
+    axis_name: mapped axis the bank is sharded over, or None.
+    valid: optional bool (B,); False rows are not written.
+
+  An instance should appear at most once per batch (the epoch sampler guarantees it); if it
+  appears twice, one of its updates is kept.
+  """
+  layout = bank.layout
+  local_row, owned = sharding.owned_rows(layout, indices, axis_name)
+  if valid is not None:
+    owned = owned & valid
+  old = bank.rows[local_row].astype(jnp.float32)
+  new = l2_normalize(momentum * old
+                     + (1.0 - momentum) * jax.lax.stop_gradient(features).astype(jnp.float32))
+  # Rows this shard does not own get an out-of-range target and are dropped by the scatter.
+  target = jnp.where(owned, local_row, layout.rows_per_shard)
+  rows = bank.rows.at[target].set(new.astype(bank.rows.dtype), mode="drop")
+  return bank.replace(rows=rows)
+
+
+def write(bank: MemoryBank, indices: jax.Array, features: jax.Array, *, axis_name: AxisName,
+          valid: Optional[jax.Array] = None) -> MemoryBank:
+  """Overwrites rows with normalised features (momentum 0), e.g. to fill the bank from a model."""
+  return update(bank, indices, features, momentum=0.0, axis_name=axis_name, valid=valid)

@@ -1,0 +1,332 @@
+"""The training objectives of Wu et al. (CVPR 2018), sharded over the instance axis.
+
+Equation numbers are the paper's (arXiv:1805.01978):
+
+  (1)  parametric softmax      P(i|v) = exp(w_i^T v / tau) / sum_j exp(w_j^T v / tau)
+  (2)  non-parametric softmax  P(i|v) = exp(v_i^T v / tau) / sum_j exp(v_j^T v / tau)
+  (4)  P(i|v) = exp(v^T f_i / tau) / Z_i
+  (5)  h(i, v) = P(i|v) / (P(i|v) + m P_n(i)),   P_n(i) = 1/n
+  (6)  J_NCE = -E_{P_d}[log h(i, v)] - m E_{P_n}[log(1 - h(i, v'))]
+  (7)  Z ~= Z_i ~= n E_j[exp(v_j^T f_i / tau)]   (Monte Carlo over the sampled scores)
+  (9)  J_NCE with the proximal term lambda ||v_i^(t) - v_i^(t-1)||^2 on the positives
+
+Conventions (docs/design.md): every function receives the GLOBAL batch (features and instance
+indices all-gathered over `axis_name`), scores it against this device's shard of the bank, and
+returns `(share, aux)`. `share` is this device's share of the global loss: the loss is
+`lax.psum(share, axis_name)`; differentiate the share and psum the encoder gradients. The metrics
+in `aux` are already reduced over devices (identical on all of them) and carry no gradient.
+The bank, the noise and Z carry no gradient. All arithmetic is float32.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from instdisc_jax import sharding
+from instdisc_jax.memory_bank import MemoryBank, local_lookup
+from instdisc_jax.noise import NoiseSample
+from instdisc_jax.sharding import AxisName
+
+# The reference criterion's epsilon (lemniscate.pytorch NCECriterion).
+NCE_EPS = 1e-7
+# Logit given to masked entries (padding rows, unused noise slots, positives owned elsewhere):
+# exp() of it is exactly 0 in float32, and it is finite, so gradients stay finite.
+_MASKED = -1e30
+
+Z_MODES = ("frozen", "ema", "batch")
+OBJECTIVES = ("nce", "softmax", "parametric_softmax", "infonce")
+
+sg = jax.lax.stop_gradient
+
+
+# ------------------------------------------------------------------------------------------------
+# Scores.
+# ------------------------------------------------------------------------------------------------
+
+
+def positive_scores(features: jax.Array, indices: jax.Array, bank: MemoryBank,
+                    axis_name: AxisName):
+  """s_i = v_i^T f_i with the pre-step bank row, for the positives this shard owns.
+
+  Returns `(scores, owned)`, both (B,); scores are 0 where not owned.
+  """
+  rows, owned = local_lookup(bank, indices, axis_name)
+  return jnp.sum(sg(rows) * features, axis=-1), owned
+
+
+def noise_scores(features: jax.Array, bank: MemoryBank, noise: NoiseSample) -> jax.Array:
+  """v_j^T f_i for this shard's noise draws: (B, slots), unmasked."""
+  rows = sg(bank.rows[noise.rows].astype(jnp.float32))
+  if noise.shared:
+    return features @ rows.T                         # (B, d) x (d, slots)
+  return jnp.einsum("bd,bkd->bk", features, rows)    # batched gather
+
+
+def bank_scores(features: jax.Array, weights: jax.Array) -> jax.Array:
+  """f_i^T w_j against every row of this shard: (B, rows_per_shard)."""
+  return features @ weights.astype(jnp.float32).T
+
+
+# ------------------------------------------------------------------------------------------------
+# The partition function Z of NCE (Eq. 7).
+# ------------------------------------------------------------------------------------------------
+
+
+@flax.struct.dataclass
+class Partition:
+  """Running estimate of log Z, kept in the train state (replicated).
+
+  Stored as log Z so that no temperature can overflow it. `initialized` is False until the first
+  batch has been seen.
+  """
+
+  log_z: jax.Array
+  initialized: jax.Array
+
+  @classmethod
+  def create(cls) -> "Partition":
+    return cls(log_z=jnp.zeros((), jnp.float32), initialized=jnp.zeros((), bool))
+
+
+def sharded_logsumexp(local_lse: jax.Array, axis_name: AxisName) -> jax.Array:
+  """Elementwise log(sum over shards of exp(local_lse)), without gradient.
+
+  `local_lse` holds each shard's own logsumexp (any shape); only that many numbers are reduced.
+  """
+  local_lse = sg(local_lse)
+  shift = sharding.pmax(local_lse, axis_name)
+  return shift + jnp.log(sharding.psum(jnp.exp(local_lse - shift), axis_name))
+
+
+def batch_log_partition(pos_logits, owned, noise_logits, noise_valid, *, num_instances: int,
+                        num_noise: int, axis_name: AxisName) -> jax.Array:
+  """log of the Monte Carlo estimate Z = n * mean(exp(s / tau)) over the batch's B x (m + 1)
+  sampled scores (the positives and their noise), as the reference computes it."""
+  logits = jnp.concatenate([
+      jnp.where(owned, pos_logits, _MASKED).reshape(-1),
+      jnp.where(noise_valid, noise_logits, _MASKED).reshape(-1)])
+  count = pos_logits.shape[0] * (num_noise + 1)
+  log_sum = sharded_logsumexp(jax.nn.logsumexp(logits), axis_name)
+  return np.log(num_instances) + log_sum - np.log(count)
+
+
+def update_partition(partition: Partition, batch_log_z: jax.Array, mode: str,
+                     ema_momentum: float = 0.99) -> Partition:
+  """The Z used for this step, by mode:
+
+  * "frozen": the first batch's estimate, then constant (the reference);
+  * "ema": Z <- ema_momentum * Z + (1 - ema_momentum) * Z_batch, starting at the first estimate;
+  * "batch": this batch's estimate.
+  """
+  if mode not in Z_MODES:
+    raise ValueError(f"Z mode must be one of {Z_MODES}, got {mode!r}")
+  batch_log_z = sg(batch_log_z)
+  if mode == "frozen":
+    log_z = jnp.where(partition.initialized, partition.log_z, batch_log_z)
+  elif mode == "ema":
+    ema = jnp.logaddexp(np.log(ema_momentum) + partition.log_z,
+                        np.log1p(-ema_momentum) + batch_log_z)
+    log_z = jnp.where(partition.initialized, ema, batch_log_z)
+  else:
+    log_z = batch_log_z
+  return Partition(log_z=log_z, initialized=jnp.ones((), bool))
+
+
+# ------------------------------------------------------------------------------------------------
+# NCE (Eqs. 4-7).
+# ------------------------------------------------------------------------------------------------
+
+
+def nce_loss(features: jax.Array, indices: jax.Array, bank: MemoryBank, noise: NoiseSample,
+             partition: Partition, *, temperature: float, z_mode: str = "frozen",
+             z_momentum: float = 0.99, axis_name: AxisName = None, eps: float = NCE_EPS):
+  """NCE exactly as the reference criterion, with Z estimated by Monte Carlo (Eq. 7).
+
+  loss = -(sum_i log h(i, v_i) + sum_i sum_{j in noise(i)} log(1 - h(j, v_j))) / B, with
+  P = exp(s / tau) / Z, h = P / (P + m/n + eps) and 1 - h = (m/n) / (P + m/n + eps), as in
+  lemniscate.pytorch's NCECriterion. Computed in log space, so no temperature overflows.
+
+  Args:
+    features: (B, d) L2-normalised features of the global batch.
+    indices: int (B,) their instance indices.
+    bank: the bank shard (pre-step values).
+    noise: this shard's noise draws (`noise.sample`).
+    partition: the Z state; see `update_partition` for `z_mode` and `z_momentum`.
+    temperature: tau.
+    axis_name: mapped axis the bank is sharded over, or None.
+    eps: the reference criterion's epsilon.
+
+  Returns:
+    `(share, aux)`: aux holds `partition` (the Z used, to store in the state) and `metrics`.
+  """
+  n, m = bank.num_instances, noise.num_noise
+  features = features.astype(jnp.float32)
+  batch = features.shape[0]
+  pos, owned = positive_scores(features, indices, bank, axis_name)
+  neg = noise_scores(features, bank, noise)
+  pos_logits, neg_logits = pos / temperature, neg / temperature
+  valid = noise.valid if not noise.shared else jnp.broadcast_to(noise.valid, neg.shape)
+
+  batch_log_z = batch_log_partition(pos_logits, owned, neg_logits, valid, num_instances=n,
+                                    num_noise=m, axis_name=axis_name)
+  new_partition = update_partition(partition, batch_log_z, z_mode, z_momentum)
+  log_z = new_partition.log_z
+
+  # Eq. (4) with (7): log P = s / tau - log Z.  Eq. (5): h = P / (P + m P_n).
+  log_noise_mass = np.log(m / n)                     # log(m * P_n(i))
+  log_denominator_const = np.log(m / n + eps)
+  log_p_pos = pos_logits - log_z
+  log_p_neg = neg_logits - log_z
+  log_h_pos = log_p_pos - jnp.logaddexp(log_p_pos, log_denominator_const)
+  log_one_minus_h_neg = log_noise_mass - jnp.logaddexp(log_p_neg, log_denominator_const)
+
+  # Eq. (6), summed over the noise and averaged over the batch like the reference.
+  share = -(jnp.sum(jnp.where(owned, log_h_pos, 0.0))
+            + jnp.sum(jnp.where(valid, log_one_minus_h_neg, 0.0))) / batch
+
+  metrics = {
+      "z": jnp.exp(log_z),
+      "log_z": log_z,
+      "batch_log_z": batch_log_z,
+      "positive_prob": _owned_mean(jnp.exp(log_p_pos), owned, axis_name),
+      "positive_h": _owned_mean(jnp.exp(log_h_pos), owned, axis_name),
+      "positive_score": _owned_mean(pos, owned, axis_name),
+      "noise_score": _masked_mean(neg, valid, axis_name),
+  }
+  return share, {"partition": new_partition, "metrics": metrics}
+
+
+# ------------------------------------------------------------------------------------------------
+# Softmax cross-entropy over a sharded set of logits (Eqs. 1, 2 and InfoNCE).
+# ------------------------------------------------------------------------------------------------
+
+
+def sharded_cross_entropy_share(local_logits: jax.Array, positive_logits: jax.Array,
+                                owned: jax.Array, axis_name: AxisName):
+  """This shard's share of mean_i [-l_i,pos + logsumexp_j l_ij] when the logits of row i are
+  spread over shards (local_logits (B, K) here, masked entries at -1e30) and the positive logit
+  is among the local logits of exactly one shard (`owned`).
+
+  The global logsumexp L_i needs the other shards' sums, which are reduced without gradient.
+  Its gradient is recovered locally: with w_i = exp(lse_local_i - L_i), this shard's part of the
+  softmax mass, the term w_i - stopgrad(w_i) is 0 in value and has gradient
+  sum_{j local} softmax_ij * d l_ij, which is exactly this shard's part of d L_i. So the shares
+  sum to the loss and their gradients sum to its gradient, with only B numbers communicated.
+
+  Returns `(share, global_logsumexp)`, the latter (B,) and without gradient.
+  """
+  batch = local_logits.shape[0]
+  local_lse = jax.nn.logsumexp(local_logits, axis=-1)
+  global_lse = sharded_logsumexp(local_lse, axis_name)
+  mass = jnp.exp(local_lse - global_lse)
+  per_example = (-jnp.where(owned, positive_logits, 0.0)
+                 + global_lse / sharding.num_shards(axis_name)
+                 + (mass - sg(mass)))
+  return jnp.sum(per_example) / batch, global_lse
+
+
+def _softmax_metrics(positive_logits, owned, global_lse, temperature, axis_name):
+  return {
+      "positive_prob": _owned_mean(jnp.exp(positive_logits - global_lse), owned, axis_name),
+      "positive_score": _owned_mean(positive_logits * temperature, owned, axis_name),
+  }
+
+
+def softmax_loss(features: jax.Array, indices: jax.Array, bank: MemoryBank, *,
+                 temperature: float, axis_name: AxisName = None):
+  """Full non-parametric softmax over all n real rows of the bank (Eqs. 2, 3).
+
+  The reference's `LinearAverage` + cross-entropy. Costs B x n / D scores per device per step.
+  """
+  features = features.astype(jnp.float32)
+  logits = bank_scores(features, sg(bank.rows)) / temperature
+  logits = jnp.where(sharding.real_row_mask(bank.layout, axis_name), logits, _MASKED)
+  pos, owned = positive_scores(features, indices, bank, axis_name)
+  share, global_lse = sharded_cross_entropy_share(logits, pos / temperature, owned, axis_name)
+  return share, {"metrics": _softmax_metrics(pos / temperature, owned, global_lse,
+                                             temperature, axis_name)}
+
+
+def parametric_softmax_loss(features: jax.Array, indices: jax.Array, weights: jax.Array, *,
+                            num_instances: int, temperature: float,
+                            axis_name: AxisName = None):
+  """Parametric instance softmax (Eq. 1): one learnable weight vector w_i per instance.
+
+  `weights` is this shard's (rows_per_shard, d) block of the learnable (n, d) matrix, sharded like
+  the bank; its gradient is complete on its shard (do not psum it). The paper's Eq. (1) has no
+  temperature; we divide by tau like the other rows of Table 1 (with a learnable w, tau only
+  rescales w's effective learning rate).
+  """
+  features = features.astype(jnp.float32)
+  bank = MemoryBank(rows=weights, num_instances=num_instances,
+                    num_shards=sharding.num_shards(axis_name))
+  layout = bank.layout
+  logits = bank_scores(features, weights) / temperature
+  logits = jnp.where(sharding.real_row_mask(layout, axis_name), logits, _MASKED)
+  local_row, owned = sharding.owned_rows(layout, indices, axis_name)
+  pos_logits = jnp.take_along_axis(logits, local_row[:, None], axis=1)[:, 0]
+  share, global_lse = sharded_cross_entropy_share(logits, pos_logits, owned, axis_name)
+  return share, {"metrics": _softmax_metrics(pos_logits, owned, global_lse, temperature,
+                                             axis_name)}
+
+
+def infonce_loss(features: jax.Array, indices: jax.Array, bank: MemoryBank, noise: NoiseSample,
+                 *, temperature: float, axis_name: AxisName = None):
+  """Sampled softmax cross-entropy over the positive and its m bank negatives (InfoNCE).
+
+  loss_i = -log( exp(s_i / tau) / (exp(s_i / tau) + sum_{j in noise(i)} exp(s_j / tau)) ).
+  """
+  features = features.astype(jnp.float32)
+  pos, owned = positive_scores(features, indices, bank, axis_name)
+  neg = noise_scores(features, bank, noise)
+  valid = noise.valid if not noise.shared else jnp.broadcast_to(noise.valid, neg.shape)
+  pos_logits = pos / temperature
+  logits = jnp.concatenate([
+      jnp.where(owned, pos_logits, _MASKED)[:, None],
+      jnp.where(valid, neg / temperature, _MASKED)], axis=1)
+  share, global_lse = sharded_cross_entropy_share(logits, pos_logits, owned, axis_name)
+  metrics = _softmax_metrics(pos_logits, owned, global_lse, temperature, axis_name)
+  metrics["noise_score"] = _masked_mean(neg, valid, axis_name)
+  return share, {"metrics": metrics}
+
+
+# ------------------------------------------------------------------------------------------------
+# Proximal regularisation (Eq. 9).
+# ------------------------------------------------------------------------------------------------
+
+
+def proximal_term(features: jax.Array, indices: jax.Array, bank: MemoryBank, *,
+                  weight: float, axis_name: AxisName = None) -> jax.Array:
+  """This shard's share of lambda * mean_i ||v_i^(t) - v_i^(t-1)||^2 (Eq. 9).
+
+  v_i^(t) = f_i is the feature computed now, v_i^(t-1) the (pre-step) bank row. Add the share to
+  any objective's share.
+  """
+  rows, owned = local_lookup(bank, indices, axis_name)
+  sq = jnp.sum(jnp.square(features.astype(jnp.float32) - sg(rows)), axis=-1)
+  return weight * jnp.sum(jnp.where(owned, sq, 0.0)) / features.shape[0]
+
+
+# ------------------------------------------------------------------------------------------------
+# Helpers.
+# ------------------------------------------------------------------------------------------------
+
+
+def _masked_mean(x: jax.Array, mask: jax.Array, axis_name: AxisName) -> jax.Array:
+  total = sharding.psum(jnp.sum(jnp.where(mask, sg(x), 0.0)), axis_name)
+  count = sharding.psum(jnp.sum(mask), axis_name)
+  return total / jnp.maximum(count, 1)
+
+
+def _owned_mean(x: jax.Array, owned: jax.Array, axis_name: AxisName) -> jax.Array:
+  return _masked_mean(x, owned, axis_name)
+
+
+def global_loss(share: jax.Array, axis_name: AxisName) -> jax.Array:
+  """The loss value from the shares (no gradient)."""
+  return sharding.psum(sg(share), axis_name)
