@@ -1,0 +1,108 @@
+"""Weighted kNN against brute force: sharded, chunked, with ties and k larger than a shard."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from instdisc_jax import knn
+from instdisc_jax.sharding import ShardLayout
+
+import reference_numpy as ref
+
+AXIS = "devices"
+TAU = 0.07
+
+
+def run_knn(queries, bank, labels, *, k, num_classes, num_shards=None, **chunking):
+  n = bank.shape[0]
+  queries = jnp.asarray(queries, jnp.float32)
+
+  def body(rows, shard_labels):
+    neighbors = knn.nearest_neighbors(queries, rows, shard_labels, num_instances=n, k=k,
+                                      axis_name=None if num_shards is None else AXIS,
+                                      **chunking)
+    return neighbors, knn.weighted_vote(neighbors, num_classes=num_classes, temperature=TAU)
+
+  if num_shards is None:
+    return jax.jit(body)(jnp.asarray(bank, jnp.float32), jnp.asarray(labels, jnp.int32))
+  layout = ShardLayout(n, num_shards)
+  out = jax.pmap(body, axis_name=AXIS)(jnp.asarray(layout.shard_array(bank), jnp.float32),
+                                       jnp.asarray(layout.shard_array(labels, fill=-1)))
+  for leaf in jax.tree.leaves(out):                            # replicated over devices
+    np.testing.assert_array_equal(leaf[0], leaf[-1])
+  return jax.tree.map(lambda x: x[0], out)
+
+
+@pytest.fixture
+def data():
+  rng = np.random.default_rng(0)
+  bank = ref.normalize(rng.normal(size=(203, 16)))
+  labels = rng.integers(0, 7, size=203)
+  queries = ref.normalize(rng.normal(size=(37, 16)))
+  return bank, labels, queries
+
+
+@pytest.mark.parametrize("num_shards,chunking", [
+    (None, {}),
+    (None, dict(query_chunk=8, bank_chunk=32)),
+    (8, {}),
+    (8, dict(query_chunk=16, bank_chunk=8)),
+])
+def test_matches_brute_force(data, num_shards, chunking):
+  bank, labels, queries = data
+  neighbors, scores = run_knn(queries, bank, labels, k=20, num_classes=7,
+                              num_shards=num_shards, **chunking)
+  expected_scores, expected_order = ref.knn(queries, bank, labels, 20, TAU, 7)
+  np.testing.assert_array_equal(neighbors.indices, expected_order)
+  np.testing.assert_array_equal(neighbors.labels, labels[expected_order])
+  np.testing.assert_allclose(scores, expected_scores, rtol=1e-4)
+
+
+def test_k_larger_than_a_shard_and_than_n():
+  """n = 30 over 8 shards of 4 rows: k = 12 needs rows from several shards; k = 50 > n."""
+  rng = np.random.default_rng(1)
+  bank = ref.normalize(rng.normal(size=(30, 8)))
+  labels = rng.integers(0, 3, size=30)
+  queries = ref.normalize(rng.normal(size=(5, 8)))
+  for k in (12, 50):
+    neighbors, scores = run_knn(queries, bank, labels, k=k, num_classes=3, num_shards=8)
+    expected_scores, expected_order = ref.knn(queries, bank, labels, k, TAU, 3)
+    np.testing.assert_array_equal(neighbors.indices, expected_order)
+    assert neighbors.indices.shape == (5, min(k, 30))
+    assert (neighbors.indices < 30).all()                       # never a padding row
+    np.testing.assert_allclose(scores, expected_scores, rtol=1e-4)
+
+
+def test_ties_go_to_the_lower_index_on_any_sharding():
+  """Duplicated bank rows with different labels: which duplicate is kept decides the vote."""
+  rng = np.random.default_rng(2)
+  base = ref.normalize(rng.normal(size=(4, 8)))
+  bank = np.concatenate([base] * 6)                             # rows i, i+4, i+8, ... are equal
+  labels = np.arange(24) % 5
+  queries = base[:2]
+  expected_scores, expected_order = ref.knn(queries, bank, labels, 3, TAU, 5)
+  for num_shards, chunking in [(None, {}), (8, {}), (8, dict(bank_chunk=2)),
+                               (None, dict(bank_chunk=5))]:
+    neighbors, scores = run_knn(queries, bank, labels, k=3, num_classes=5,
+                                num_shards=num_shards, **chunking)
+    np.testing.assert_array_equal(neighbors.indices, expected_order)
+    np.testing.assert_allclose(scores, expected_scores, rtol=1e-5)
+  np.testing.assert_array_equal(expected_order[0], [0, 4, 8])
+
+
+def test_predict_and_count_correct():
+  scores = jnp.array([[0.1, 0.5, 0.2, 0.0, 0.0, 0.0],
+                      [0.3, 0.3, 0.0, 0.0, 0.0, 0.9]])
+  np.testing.assert_array_equal(knn.predict(scores, 3), [[1, 2, 0], [5, 0, 1]])
+  counts = knn.count_correct(scores, jnp.array([2, 5]))
+  assert int(counts["top1"]) == 1 and int(counts["top5"]) == 2
+  masked = knn.count_correct(scores, jnp.array([2, 5]), valid=jnp.array([True, False]))
+  assert int(masked["top1"]) == 0 and int(masked["top5"]) == 1
+
+
+def test_unlabelled_rows_do_not_vote():
+  neighbors = knn.Neighbors(scores=jnp.ones((1, 2)), indices=jnp.array([[0, 1]]),
+                            labels=jnp.array([[-1, 2]]))
+  scores = knn.weighted_vote(neighbors, num_classes=3, temperature=1.0)
+  np.testing.assert_allclose(scores, [[0, 0, np.e]], rtol=1e-6)
