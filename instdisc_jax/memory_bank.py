@@ -62,9 +62,9 @@ def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
   return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), eps * eps))
 
 
-def init_rows(key: jax.Array, layout: ShardLayout, dim: int, *, init: str = "uniform",
-              shards: Optional[Sequence[int]] = None, dtype=jnp.float32) -> jax.Array:
-  """Initial bank rows for the given shards, shape (len(shards), rows_per_shard, dim).
+def init_shard_rows(key: jax.Array, layout: ShardLayout, dim: int, shard, *,
+                    init: str = "uniform", dtype=jnp.float32) -> jax.Array:
+  """Initial (rows_per_shard, dim) rows of one shard; `shard` may be traced (e.g. an axis index).
 
   Row i's value depends only on (key, i), not on the number of shards, so a run on 8 devices and
   a run on 1 start from the same bank. Padding rows are zero.
@@ -73,17 +73,14 @@ def init_rows(key: jax.Array, layout: ShardLayout, dim: int, *, init: str = "uni
     key: PRNG key.
     layout: the instance layout.
     dim: feature dimension d.
+    shard: index of the shard to build.
     init: "uniform" (reference: U(-1/sqrt(d/3), 1/sqrt(d/3)), unnormalised) or "unit" (normalised
       Gaussian rows).
-    shards: which shards to build (default: all). A multi-host run builds only the shards of its
-      local devices.
     dtype: storage dtype.
   """
   if init not in INITS:
     raise ValueError(f"bank init must be one of {INITS}, got {init!r}")
-  shards = np.arange(layout.num_shards) if shards is None else np.asarray(shards)
-  global_rows = (shards[:, None] * layout.rows_per_shard
-                 + np.arange(layout.rows_per_shard)[None, :])
+  global_rows = shard * layout.rows_per_shard + jnp.arange(layout.rows_per_shard)
 
   def one_row(i):
     row_key = jax.random.fold_in(key, i)
@@ -92,13 +89,21 @@ def init_rows(key: jax.Array, layout: ShardLayout, dim: int, *, init: str = "uni
       return jax.random.uniform(row_key, (dim,), jnp.float32, -bound, bound)
     return l2_normalize(jax.random.normal(row_key, (dim,), jnp.float32))
 
-  @jax.jit
-  def build(global_rows):
-    rows = jax.vmap(jax.vmap(one_row))(global_rows)
-    real = (global_rows < layout.num_instances)[..., None]
-    return jnp.where(real, rows, 0.0).astype(dtype)
+  rows = jax.vmap(one_row)(global_rows)
+  real = (global_rows < layout.num_instances)[:, None]
+  return jnp.where(real, rows, 0.0).astype(dtype)
 
-  return build(jnp.asarray(global_rows, jnp.int32))
+
+def init_rows(key: jax.Array, layout: ShardLayout, dim: int, *, init: str = "uniform",
+              shards: Optional[Sequence[int]] = None, dtype=jnp.float32) -> jax.Array:
+  """`init_shard_rows` for several shards (default: all): (len(shards), rows_per_shard, dim).
+
+  A multi-host run builds only the shards of its local devices.
+  """
+  shards = np.arange(layout.num_shards) if shards is None else np.asarray(shards)
+  build = jax.jit(jax.vmap(lambda s: init_shard_rows(key, layout, dim, s, init=init,
+                                                     dtype=dtype)))
+  return build(jnp.asarray(shards, jnp.int32))
 
 
 def init_bank(key: jax.Array, num_instances: int, dim: int, *, num_shards: int = 1,
