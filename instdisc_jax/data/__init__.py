@@ -17,3 +17,4 @@ from instdisc_jax.data.sources import load_splits
 from instdisc_jax.data.sources import load_train_and_eval
 from instdisc_jax.data.split import check_fingerprint
 from instdisc_jax.data.split import DatasetSplit
+from instdisc_jax.data.split import pixel_stats

@@ -22,13 +22,15 @@ import functools
 import hashlib
 import os
 
-from absl import logging
+import logging
 import numpy as np
 from PIL import Image
 
 from instdisc_jax.data import images as images_lib
 from instdisc_jax.data import split as split_lib
 from instdisc_jax.errors import DataError
+
+log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (
     ".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm", ".pbm")
@@ -82,7 +84,7 @@ def _probe(path: str) -> tuple[int, str] | None:
 
 def _warn_left_out(spec: str, reason: str, paths: Sequence[str]) -> None:
   if paths:
-    logging.warning("%s: left out %d %s images (%s); instance indices count only the rest",
+    log.warning("%s: left out %d %s images (%s); instance indices count only the rest",
                     spec, len(paths), reason, split_lib.first_few(paths))
 
 
@@ -170,7 +172,7 @@ def load_folder(
     raise DataError(f"{spec}: no such directory")
   paths, others = scan(root)
   if others:
-    logging.info("%s: ignored %d files that are not images (%s)",
+    log.info("%s: ignored %d files that are not images (%s)",
                  spec, len(others), split_lib.first_few(others))
   num_threads = num_threads or split_lib.decode_threads()
   readable = _readable(spec, root, paths, num_threads)

@@ -16,7 +16,7 @@ import functools
 import hashlib
 import io
 
-from absl import logging
+import logging
 import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
@@ -27,6 +27,8 @@ from instdisc_jax.data import images as images_lib
 from instdisc_jax.data import npz as npz_lib
 from instdisc_jax.data import split as split_lib
 from instdisc_jax.errors import DataError
+
+log = logging.getLogger(__name__)
 
 DEFAULT_DATASET = "fashion_mnist"
 FOLDER_PREFIX = "folder:"
@@ -69,7 +71,7 @@ class TfdsReader:
     """Reads every record once (the labels sit next to the images in the ArrayRecord files)."""
     if not self._has_label:
       return None
-    logging.info("Reading the labels of %s (one pass over its %d records)", self._name, len(self))
+    log.info("Reading the labels of %s (one pass over its %d records)", self._name, len(self))
     labels = np.empty((len(self),), np.int32)
     for start in range(0, len(self), _LABEL_CHUNK):
       chunk = range(start, min(start + _LABEL_CHUNK, len(self)))
@@ -158,7 +160,7 @@ def load_tfds(
     decode_fn = functools.partial(images_lib.center_square, channels=channels, size=image_size)
   images, labels, failed = split_lib.decode_all(reader, decode_fn, stored, num_threads)
   if failed:
-    logging.warning("%s:%s: %d records could not be decoded and are black images (first: %s)",
+    log.warning("%s:%s: %d records could not be decoded and are black images (first: %s)",
                     name, split, len(failed), failed[:3])
   return split_lib.DatasetSplit(images=images, label_array=labels if labelled else None, **common)
 
@@ -283,7 +285,7 @@ def load_splits(
       eval_split=config.eval_split or None, data_dir=config.data_dir or None,
       image_size=config.image_size)
   if notice:
-    logging.warning("%s", notice)
+    log.warning("%s", notice)
     return train, None
   return train, evaluation
 

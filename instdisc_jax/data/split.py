@@ -13,14 +13,16 @@ import functools
 import json
 import os
 import threading
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
-from absl import logging
+import logging
 from etils import epath
 import numpy as np
 
 from instdisc_jax.data import images as images_lib
 from instdisc_jax.errors import DataError
+
+log = logging.getLogger(__name__)
 
 FINGERPRINT_FILE = "dataset_fingerprint.json"
 # Splits whose decoded images take at most this many bytes are decoded once and held in memory.
@@ -76,7 +78,7 @@ def decode_all(
       except images_lib.DECODE_ERRORS as error:
         failed.append(index)
         if len(failed) <= _LOGGED_FAILURES:
-          logging.warning("Could not decode %s: %s", reader.describe(index), error)
+          log.warning("Could not decode %s: %s", reader.describe(index), error)
 
   with concurrent.futures.ThreadPoolExecutor(num_threads or decode_threads()) as pool:
     list(pool.map(decode_chunk, range(0, n, _DECODE_CHUNK)))
@@ -96,7 +98,7 @@ class _FailureLog:
       self._count += 1
       count = self._count
     if count <= _LOGGED_FAILURES or count % 100 == 0:
-      logging.warning(
+      log.warning(
           "%s: could not decode %s (%s); a black image stands in for it (%d such records so far)",
           self._name, what, error, count)
 
@@ -276,3 +278,27 @@ def check_fingerprint(workdir: str, split: DatasetSplit, role: str = "train",
         f"the {role} data {split.name} is not what {workdir} was started with "
         f"({_describe_change(previous, current)}), so instance indices would not match the memory "
         f"bank; restore the data as it was (see {path}) or start a new workdir")
+
+
+class PixelStats(NamedTuple):
+  """Per-channel mean and standard deviation of pixels scaled to [0, 1]."""
+  mean: tuple[float, ...]
+  std: tuple[float, ...]
+
+
+def pixel_stats(split: DatasetSplit, max_images: int = 2000,
+                image_size: int = 64) -> PixelStats:
+  """Normalisation statistics measured on up to `max_images` evenly spaced images of `split`.
+
+  Images of varying size are measured on their centre crop resized to `image_size`.
+  """
+  picks = np.unique(np.linspace(0, split.num_examples - 1, min(max_images, split.num_examples))
+                    .astype(int))
+  if split.fixed_size:
+    pixels = np.stack([split.load(i)["image"] for i in picks])
+  else:
+    pixels = np.stack([split.load(i, size=image_size, box_fn=images_lib.eval_box)["image"]
+                       for i in picks])
+  pixels = pixels.reshape(-1, pixels.shape[-1]).astype(np.float64) / 255.0
+  return PixelStats(mean=tuple(pixels.mean(axis=0)),
+                    std=tuple(np.maximum(pixels.std(axis=0), 1e-3)))
