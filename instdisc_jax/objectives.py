@@ -20,8 +20,6 @@ The bank, the noise and Z carry no gradient. All arithmetic is float32.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import flax.struct
 import jax
 import jax.numpy as jnp

@@ -1,0 +1,67 @@
+"""Metrics to TensorBoard (tensorboardX), `metrics.jsonl` and the console; process 0 only.
+
+`metrics.jsonl` has one JSON object per line: {"step": s, "<name>": value, ...}. Training
+scalars are logged under their names (loss, z, learning_rate, images_per_sec, ...); evaluation
+results under "knn/..." names. Appending keeps the history of a resumed run in one file.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from typing import Mapping, Optional
+
+import jax
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+def _to_python(value):
+  value = np.asarray(value)
+  return value.item() if value.size == 1 else value.tolist()
+
+
+class MetricWriter:
+  """Writes scalars on process 0; a no-op on other processes."""
+
+  def __init__(self, workdir: str, *, enabled: Optional[bool] = None):
+    self.enabled = jax.process_index() == 0 if enabled is None else enabled
+    self.path = os.path.join(workdir, "metrics.jsonl")
+    self._tb = None
+    if self.enabled:
+      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+      os.makedirs(workdir, exist_ok=True)
+      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+  def write(self, step: int, scalars: Mapping[str, float]) -> None:
+    if not self.enabled:
+      return
+    record = {"step": int(step), "time": time.time()}
+    record.update({k: _to_python(v) for k, v in scalars.items()})
+    with open(self.path, "a") as f:
+      f.write(json.dumps(record) + "\n")
+    for name, value in scalars.items():
+      self._tb.add_scalar(name, float(np.asarray(value)), int(step))
+    self._tb.flush()
+
+  def close(self) -> None:
+    if self._tb is not None:
+      self._tb.close()
+
+
+def read_metrics(workdir: str) -> list[dict]:
+  """The records of `<workdir>/metrics.jsonl`, in order (skips a torn last line)."""
+  path = os.path.join(workdir, "metrics.jsonl")
+  records = []
+  if not os.path.exists(path):
+    return records
+  with open(path) as f:
+    for line in f:
+      try:
+        records.append(json.loads(line))
+      except json.JSONDecodeError:
+        log.warning("skipping a malformed line in %s", path)
+  return records

@@ -1,0 +1,98 @@
+"""Placing values on the devices of a (possibly multi-process) `jax.pmap` run.
+
+Every array the pmapped step sees has a leading device axis of global size D (all devices of all
+processes, in `jax.devices()` order), sharded one slice per device: `NamedSharding(mesh,
+P(AXIS))`. Replicated values (params, optimizer state, Z) hold one identical slice per device;
+instance-sharded values (the bank) hold one shard per device. A process only ever touches the
+slices of its local devices.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+AXIS = "devices"
+
+
+def mesh() -> Mesh:
+  """1-D mesh over all devices of all processes, in global device order."""
+  return Mesh(np.asarray(jax.devices()), (AXIS,))
+
+
+def device_sharding() -> NamedSharding:
+  """One slice of the leading axis per device."""
+  return NamedSharding(mesh(), P(AXIS))
+
+
+def replicated_sharding() -> NamedSharding:
+  """The whole array on every device."""
+  return NamedSharding(mesh(), P())
+
+
+def local_device_indices() -> np.ndarray:
+  """Global positions (on the device axis) of this process's devices."""
+  position = {d: i for i, d in enumerate(jax.devices())}
+  return np.asarray([position[d] for d in jax.local_devices()])
+
+
+def _stack_on_devices(x) -> jax.Array:
+  """A host/replicated value -> (D, ...) array with the same value in every device's slice."""
+  x = np.asarray(x)
+  sharding = device_sharding()
+  slices = [jax.device_put(x[None], d) for d in sharding.addressable_devices]
+  return jax.make_array_from_single_device_arrays((jax.device_count(),) + x.shape, sharding,
+                                                  slices)
+
+
+def replicate(tree: Any) -> Any:
+  """Host pytree -> the same pytree with a leading device axis (one copy per device)."""
+  return jax.tree.map(_stack_on_devices, tree)
+
+
+def shard_local_batch(tree: Any) -> Any:
+  """This process's slice of the global batch, (b, ...) numpy -> global (D, b / L, ...) array.
+
+  The process's b examples are split evenly over its L local devices, in device order.
+  """
+  local = jax.local_device_count()
+
+  def put(x):
+    x = np.asarray(x)
+    if x.shape[0] % local:
+      raise ValueError(f"a process batch of {x.shape[0]} does not split over {local} devices")
+    return jax.make_array_from_process_local_data(
+        device_sharding(), x.reshape((local, x.shape[0] // local) + x.shape[1:]))
+
+  return jax.tree.map(put, tree)
+
+
+def shard_local_rows(tree: Any) -> Any:
+  """This process's (L, ...) host slices of an instance-sharded value -> global (D, ...) array."""
+  return jax.tree.map(
+      lambda x: jax.make_array_from_process_local_data(device_sharding(), np.asarray(x)), tree)
+
+
+def first_replica(x: jax.Array) -> np.ndarray:
+  """Host copy of a replicated (D, ...) value, read from this process's first device."""
+  return np.asarray(x.addressable_shards[0].data[0])
+
+
+def to_single_copy(x: jax.Array) -> jax.Array:
+  """Replicated (D, ...) -> (...) with a replicated sharding, without copying data.
+
+  Used to checkpoint replicated values once rather than D times.
+  """
+  return jax.make_array_from_single_device_arrays(
+      x.shape[1:], replicated_sharding(),
+      [s.data.reshape(x.shape[1:]) for s in x.addressable_shards])
+
+
+def from_single_copy(x: jax.Array) -> jax.Array:
+  """Inverse of `to_single_copy`: replicated (...) -> (D, ...) one slice per device."""
+  return jax.make_array_from_single_device_arrays(
+      (jax.device_count(),) + x.shape, device_sharding(),
+      [s.data[None] for s in x.addressable_shards])
