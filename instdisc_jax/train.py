@@ -28,6 +28,7 @@ import tqdm
 from instdisc_jax import augment
 from instdisc_jax import config_validation
 from instdisc_jax import data
+from instdisc_jax import default_config
 from instdisc_jax import knn
 from instdisc_jax import memory_bank
 from instdisc_jax import models
@@ -565,6 +566,39 @@ class _Throughput:
     return rate
 
 
+CONFIG_NAME = "config.json"
+
+
+def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Writes the run's config to `<workdir>/config.json` (process 0), for the evaluator."""
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, CONFIG_NAME), "w") as f:
+      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+
+
+def load_config(workdir: str) -> ml_collections.ConfigDict:
+  """The config a workdir was trained with (the schema's defaults for fields it lacks)."""
+  path = os.path.join(workdir, CONFIG_NAME)
+  if not os.path.exists(path):
+    raise UserError(f"{path} not found: --workdir must be a directory written by "
+                    "instdisc_jax.main")
+  with open(path) as f:
+    saved = json.load(f)
+  config = default_config.get_config()
+  config.update_from_flattened_dict(_flatten(saved))
+  return config
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+  flat = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      flat.update(_flatten(value, f"{prefix}{key}."))
+    else:
+      flat[f"{prefix}{key}"] = tuple(value) if isinstance(value, list) else value
+  return flat
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        stop: Optional[StopSignal] = None) -> dict:
   """Trains per `config` in `workdir` (resuming what is there) and returns the final kNN."""
@@ -572,6 +606,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                              num_processes=jax.process_count())
   os.makedirs(workdir, exist_ok=True)
   with WorkdirLock(workdir):
+    save_config(config, workdir)
     trainer = Trainer(config, workdir)
     try:
       step = trainer.initialize()
