@@ -120,9 +120,44 @@ def local_lookup(bank: MemoryBank, indices: jax.Array, axis_name: AxisName):
 
   Returns `(rows, owned)`: float32 (B, d) rows, zero where `owned` is False.
   """
+  rows = gather_step_rows(bank, indices, axis_name)
+  return rows.positives, rows.owned
+
+
+@flax.struct.dataclass
+class StepRows:
+  """The pre-step bank rows one training step reads, fetched by a single gather.
+
+  A step should read the bank once: when a donated bank is read by two different ops and then
+  updated in place, XLA's copy insertion (on CPU at least, without region analysis) cannot order
+  the reads before the update and copies the whole bank, twice, every step. Gathering the
+  positives and the noise together, and handing the positives to `update`, avoids that.
+
+  Attributes:
+    positives: float32 (B, d) rows of the batch's instances; zero where `owned` is False.
+    owned: bool (B,): the instance lives on this shard.
+    noise: float32 rows of this shard's noise draws, (B, slots, d) or (slots, d); None if the
+      step draws no noise.
+  """
+
+  positives: jax.Array
+  owned: jax.Array
+  noise: Optional[jax.Array] = None
+
+
+def gather_step_rows(bank: MemoryBank, indices: jax.Array, axis_name: AxisName,
+                     noise_rows: Optional[jax.Array] = None) -> StepRows:
+  """Gathers the batch positives' rows (and the noise rows, local indices) in one gather."""
   local_row, owned = sharding.owned_rows(bank.layout, indices, axis_name)
-  rows = bank.rows[local_row].astype(jnp.float32)
-  return jnp.where(owned[:, None], rows, 0.0), owned
+  wanted = local_row if noise_rows is None else jnp.concatenate(
+      [local_row, noise_rows.reshape(-1)])
+  gathered = jax.lax.stop_gradient(bank.rows[wanted].astype(jnp.float32))
+  batch = indices.shape[0]
+  positives = jnp.where(owned[:, None], gathered[:batch], 0.0)
+  noise = None
+  if noise_rows is not None:
+    noise = gathered[batch:].reshape(noise_rows.shape + (bank.dim,))
+  return StepRows(positives=positives, owned=owned, noise=noise)
 
 
 def lookup(bank: MemoryBank, indices: jax.Array, axis_name: AxisName) -> jax.Array:
@@ -136,7 +171,8 @@ def lookup(bank: MemoryBank, indices: jax.Array, axis_name: AxisName) -> jax.Arr
 
 
 def update(bank: MemoryBank, indices: jax.Array, features: jax.Array, *, momentum: float,
-           axis_name: AxisName, valid: Optional[jax.Array] = None) -> MemoryBank:
+           axis_name: AxisName, valid: Optional[jax.Array] = None,
+           old_rows: Optional[jax.Array] = None) -> MemoryBank:
   """Momentum update of the rows of the global batch owned by this shard (paper Sec. 3.2).
 
   v_i <- normalise(momentum * v_i + (1 - momentum) * f_i), v_i being the pre-step value.
@@ -148,6 +184,8 @@ def update(bank: MemoryBank, indices: jax.Array, features: jax.Array, *, momentu
     momentum: weight of the OLD value, in [0, 1).
     axis_name: mapped axis the bank is sharded over, or None.
     valid: optional bool (B,); False rows are not written.
+    old_rows: the pre-step rows of the batch if the step already gathered them
+      (`StepRows.positives`); passing them keeps the step at one read of the bank.
 
   An instance should appear at most once per batch (the epoch sampler guarantees it); if it
   appears twice, one of its updates is kept.
@@ -156,7 +194,7 @@ def update(bank: MemoryBank, indices: jax.Array, features: jax.Array, *, momentu
   local_row, owned = sharding.owned_rows(layout, indices, axis_name)
   if valid is not None:
     owned = owned & valid
-  old = bank.rows[local_row].astype(jnp.float32)
+  old = bank.rows[local_row].astype(jnp.float32) if old_rows is None else old_rows
   new = l2_normalize(momentum * old
                      + (1.0 - momentum) * jax.lax.stop_gradient(features).astype(jnp.float32))
   # Rows this shard does not own get an out-of-range target and are dropped by the scatter.

@@ -20,13 +20,16 @@ The bank, the noise and Z carry no gradient. All arithmetic is float32.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from instdisc_jax import sharding
-from instdisc_jax.memory_bank import MemoryBank, local_lookup
+from instdisc_jax import memory_bank
+from instdisc_jax.memory_bank import MemoryBank, StepRows
 from instdisc_jax.noise import NoiseSample
 from instdisc_jax.sharding import AxisName
 
@@ -47,22 +50,26 @@ sg = jax.lax.stop_gradient
 # ------------------------------------------------------------------------------------------------
 
 
-def positive_scores(features: jax.Array, indices: jax.Array, bank: MemoryBank,
-                    axis_name: AxisName):
+def step_rows(bank: MemoryBank, indices: jax.Array, noise: Optional[NoiseSample],
+              axis_name: AxisName) -> StepRows:
+  """The bank rows an objective reads (positives and noise), in one gather."""
+  return memory_bank.gather_step_rows(bank, indices, axis_name,
+                                      None if noise is None else noise.rows)
+
+
+def positive_scores(features: jax.Array, rows: StepRows):
   """s_i = v_i^T f_i with the pre-step bank row, for the positives this shard owns.
 
   Returns `(scores, owned)`, both (B,); scores are 0 where not owned.
   """
-  rows, owned = local_lookup(bank, indices, axis_name)
-  return jnp.sum(sg(rows) * features, axis=-1), owned
+  return jnp.sum(rows.positives * features, axis=-1), rows.owned
 
 
-def noise_scores(features: jax.Array, bank: MemoryBank, noise: NoiseSample) -> jax.Array:
+def noise_scores(features: jax.Array, rows: StepRows) -> jax.Array:
   """v_j^T f_i for this shard's noise draws: (B, slots), unmasked."""
-  rows = sg(bank.rows[noise.rows].astype(jnp.float32))
-  if noise.shared:
-    return features @ rows.T                         # (B, d) x (d, slots)
-  return jnp.einsum("bd,bkd->bk", features, rows)    # batched gather
+  if rows.noise.ndim == 2:                           # shared noise: one (slots, d) set
+    return features @ rows.noise.T
+  return jnp.einsum("bd,bkd->bk", features, rows.noise)
 
 
 def bank_scores(features: jax.Array, weights: jax.Array) -> jax.Array:
@@ -142,7 +149,8 @@ def update_partition(partition: Partition, batch_log_z: jax.Array, mode: str,
 
 def nce_loss(features: jax.Array, indices: jax.Array, bank: MemoryBank, noise: NoiseSample,
              partition: Partition, *, temperature: float, z_mode: str = "frozen",
-             z_momentum: float = 0.99, axis_name: AxisName = None, eps: float = NCE_EPS):
+             z_momentum: float = 0.99, axis_name: AxisName = None, eps: float = NCE_EPS,
+             rows: Optional[StepRows] = None):
   """NCE exactly as the reference criterion, with Z estimated by Monte Carlo (Eq. 7).
 
   loss = -(sum_i log h(i, v_i) + sum_i sum_{j in noise(i)} log(1 - h(j, v_j))) / B, with
@@ -158,6 +166,7 @@ def nce_loss(features: jax.Array, indices: jax.Array, bank: MemoryBank, noise: N
     temperature: tau.
     axis_name: mapped axis the bank is sharded over, or None.
     eps: the reference criterion's epsilon.
+    rows: the step's rows from `step_rows` if already gathered (else gathered here).
 
   Returns:
     `(share, aux)`: aux holds `partition` (the Z used, to store in the state) and `metrics`.
@@ -165,8 +174,9 @@ def nce_loss(features: jax.Array, indices: jax.Array, bank: MemoryBank, noise: N
   n, m = bank.num_instances, noise.num_noise
   features = features.astype(jnp.float32)
   batch = features.shape[0]
-  pos, owned = positive_scores(features, indices, bank, axis_name)
-  neg = noise_scores(features, bank, noise)
+  rows = step_rows(bank, indices, noise, axis_name) if rows is None else rows
+  pos, owned = positive_scores(features, rows)
+  neg = noise_scores(features, rows)
   pos_logits, neg_logits = pos / temperature, neg / temperature
   valid = noise.valid if not noise.shared else jnp.broadcast_to(noise.valid, neg.shape)
 
@@ -236,7 +246,8 @@ def _softmax_metrics(positive_logits, owned, global_lse, temperature, axis_name)
 
 
 def softmax_loss(features: jax.Array, indices: jax.Array, bank: MemoryBank, *,
-                 temperature: float, axis_name: AxisName = None):
+                 temperature: float, axis_name: AxisName = None,
+                 rows: Optional[StepRows] = None):
   """Full non-parametric softmax over all n real rows of the bank (Eqs. 2, 3).
 
   The reference's `LinearAverage` + cross-entropy. Costs B x n / D scores per device per step.
@@ -244,7 +255,8 @@ def softmax_loss(features: jax.Array, indices: jax.Array, bank: MemoryBank, *,
   features = features.astype(jnp.float32)
   logits = bank_scores(features, sg(bank.rows)) / temperature
   logits = jnp.where(sharding.real_row_mask(bank.layout, axis_name), logits, _MASKED)
-  pos, owned = positive_scores(features, indices, bank, axis_name)
+  rows = step_rows(bank, indices, None, axis_name) if rows is None else rows
+  pos, owned = positive_scores(features, rows)
   share, global_lse = sharded_cross_entropy_share(logits, pos / temperature, owned, axis_name)
   return share, {"metrics": _softmax_metrics(pos / temperature, owned, global_lse,
                                              temperature, axis_name)}
@@ -274,14 +286,16 @@ def parametric_softmax_loss(features: jax.Array, indices: jax.Array, weights: ja
 
 
 def infonce_loss(features: jax.Array, indices: jax.Array, bank: MemoryBank, noise: NoiseSample,
-                 *, temperature: float, axis_name: AxisName = None):
+                 *, temperature: float, axis_name: AxisName = None,
+                 rows: Optional[StepRows] = None):
   """Sampled softmax cross-entropy over the positive and its m bank negatives (InfoNCE).
 
   loss_i = -log( exp(s_i / tau) / (exp(s_i / tau) + sum_{j in noise(i)} exp(s_j / tau)) ).
   """
   features = features.astype(jnp.float32)
-  pos, owned = positive_scores(features, indices, bank, axis_name)
-  neg = noise_scores(features, bank, noise)
+  rows = step_rows(bank, indices, noise, axis_name) if rows is None else rows
+  pos, owned = positive_scores(features, rows)
+  neg = noise_scores(features, rows)
   valid = noise.valid if not noise.shared else jnp.broadcast_to(noise.valid, neg.shape)
   pos_logits = pos / temperature
   logits = jnp.concatenate([
@@ -299,15 +313,16 @@ def infonce_loss(features: jax.Array, indices: jax.Array, bank: MemoryBank, nois
 
 
 def proximal_term(features: jax.Array, indices: jax.Array, bank: MemoryBank, *,
-                  weight: float, axis_name: AxisName = None) -> jax.Array:
+                  weight: float, axis_name: AxisName = None,
+                  rows: Optional[StepRows] = None) -> jax.Array:
   """This shard's share of lambda * mean_i ||v_i^(t) - v_i^(t-1)||^2 (Eq. 9).
 
   v_i^(t) = f_i is the feature computed now, v_i^(t-1) the (pre-step) bank row. Add the share to
   any objective's share.
   """
-  rows, owned = local_lookup(bank, indices, axis_name)
-  sq = jnp.sum(jnp.square(features.astype(jnp.float32) - sg(rows)), axis=-1)
-  return weight * jnp.sum(jnp.where(owned, sq, 0.0)) / features.shape[0]
+  rows = step_rows(bank, indices, None, axis_name) if rows is None else rows
+  sq = jnp.sum(jnp.square(features.astype(jnp.float32) - rows.positives), axis=-1)
+  return weight * jnp.sum(jnp.where(rows.owned, sq, 0.0)) / features.shape[0]
 
 
 # ------------------------------------------------------------------------------------------------

@@ -158,18 +158,22 @@ def step_keys(state: TrainState):
 
 
 def compute_objective(hp: StepConfig, params, features, indices, bank: MemoryBank,
-                      noise: Optional[noise_lib.NoiseSample], partition: objectives.Partition):
-  """This device's loss share for the configured objective (+ proximal term), and its aux."""
+                      noise: Optional[noise_lib.NoiseSample], partition: objectives.Partition,
+                      rows: memory_bank.StepRows):
+  """This device's loss share for the configured objective (+ proximal term), and its aux.
+
+  `rows` are the step's pre-step bank rows, gathered once (`objectives.step_rows`).
+  """
   if hp.objective == "nce":
     share, aux = objectives.nce_loss(features, indices, bank, noise, partition,
                                      temperature=hp.temperature, z_mode=hp.z_mode,
-                                     z_momentum=hp.z_momentum, axis_name=AXIS)
+                                     z_momentum=hp.z_momentum, axis_name=AXIS, rows=rows)
   elif hp.objective == "infonce":
     share, aux = objectives.infonce_loss(features, indices, bank, noise,
-                                         temperature=hp.temperature, axis_name=AXIS)
+                                         temperature=hp.temperature, axis_name=AXIS, rows=rows)
   elif hp.objective == "softmax":
     share, aux = objectives.softmax_loss(features, indices, bank, temperature=hp.temperature,
-                                         axis_name=AXIS)
+                                         axis_name=AXIS, rows=rows)
   elif hp.objective == "parametric_softmax":
     share, aux = objectives.parametric_softmax_loss(
         features, indices, params["instance_weights"], num_instances=bank.num_instances,
@@ -178,7 +182,7 @@ def compute_objective(hp: StepConfig, params, features, indices, bank: MemoryBan
     raise ValueError(f"unknown objective {hp.objective!r}")
   if hp.proximal_weight:
     prox = objectives.proximal_term(features, indices, bank, weight=hp.proximal_weight,
-                                    axis_name=AXIS)
+                                    axis_name=AXIS, rows=rows)
     share = share + prox
     aux["metrics"]["proximal"] = objectives.global_loss(prox, AXIS)
   return share, aux
@@ -198,6 +202,8 @@ def train_step(state: TrainState, batch, *, model, tx: optax.GradientTransformat
   if hp.uses_noise:
     noise = noise_lib.sample(noise_key, hp.layout, hp.num_negatives, hp.global_batch,
                              shared=hp.shared_noise, axis_name=AXIS)
+  # Every bank row the step reads, in one gather (see memory_bank.StepRows).
+  rows = objectives.step_rows(state.bank, indices, noise, AXIS)
 
   def loss_fn(params):
     features, new_model_state = model.apply(
@@ -205,7 +211,7 @@ def train_step(state: TrainState, batch, *, model, tx: optax.GradientTransformat
         mutable=["batch_stats"])
     features = sharding.gather_batch(features, AXIS)          # (B, d): the global batch
     share, aux = compute_objective(hp, params, features, indices, state.bank, noise,
-                                   state.partition)
+                                   state.partition, rows)
     return share, (aux, new_model_state, features)
 
   (share, (aux, new_model_state, features)), grads = jax.value_and_grad(
@@ -219,7 +225,7 @@ def train_step(state: TrainState, batch, *, model, tx: optax.GradientTransformat
   # replicated copy identical by averaging them.
   batch_stats = jax.lax.pmean(new_model_state["batch_stats"], AXIS)
   bank = memory_bank.update(state.bank, indices, features, momentum=hp.bank_momentum,
-                            axis_name=AXIS)
+                            axis_name=AXIS, old_rows=rows.positives)
 
   metrics = dict(aux["metrics"], loss=objectives.global_loss(share, AXIS),
                  learning_rate=learning_rate_fn(state.step))
@@ -355,7 +361,7 @@ class Trainer:
     self.config = config
     self.workdir = workdir
     self.train_split, self.eval_split = data.load_splits(config)
-    data.check_fingerprint(workdir, self.train_split)
+    data.check_fingerprint(workdir, self.train_split, write=jax.process_index() == 0)
     n = self.train_split.num_examples
     config_validation.validate_against_data(config, n)
     self.layout = ShardLayout(n, jax.device_count())
