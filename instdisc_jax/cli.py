@@ -13,7 +13,9 @@ from absl import app
 from absl import flags
 from absl import logging
 
-from instdisc_jax.errors import EXIT_USER_ERROR, UserError
+from instdisc_jax import flag_errors
+from instdisc_jax import peers
+from instdisc_jax.errors import EXIT_USER_ERROR, NonFiniteLossError, UserError
 from instdisc_jax.preemption import EXIT_PREEMPTED, StopSignal
 
 FLAGS = flags.FLAGS
@@ -23,9 +25,12 @@ EXIT_FAILURE = 1
 def define_runtime_flags() -> None:
   flags.DEFINE_bool("verbose", False, "Show tracebacks for errors.")
   flags.DEFINE_string("coordinator_address", None,
-                      "host:port of process 0, for multi-process runs outside TPU VMs.")
-  flags.DEFINE_integer("num_processes", None, "Number of processes of a multi-process run.")
-  flags.DEFINE_integer("process_id", None, "This process's index in a multi-process run.")
+                      "host:port of process 0, for multi-process runs outside TPU VMs "
+                      "(default: $JAX_COORDINATOR_ADDRESS).")
+  flags.DEFINE_integer("num_processes", None, "Number of processes of a multi-process run "
+                       "(default: $JAX_NUM_PROCESSES).")
+  flags.DEFINE_integer("process_id", None, "This process's index in a multi-process run "
+                       "(default: $JAX_PROCESS_ID).")
 
 
 def _one_line(message: str) -> str:
@@ -38,13 +43,11 @@ def _exit(message: str, status: int) -> None:
 
 
 def _parse_flags(argv):
-  """absl flag parsing, with bad flags or config overrides reported as one line, exit 2."""
+  """absl flag parsing, with bad flags, config files or overrides as one line, exit 2."""
   try:
-    return FLAGS(argv)
-  except flags.Error as e:
-    _exit(f"{e}; see --helpfull", EXIT_USER_ERROR)
-  except (KeyError, AttributeError, TypeError, ValueError) as e:   # config overrides
-    _exit(f"bad --config override: {e}", EXIT_USER_ERROR)
+    return flag_errors.parse(argv, FLAGS)
+  except UserError as e:
+    _exit(str(e), EXIT_USER_ERROR)
 
 
 def configure_logging() -> None:
@@ -55,7 +58,8 @@ def configure_logging() -> None:
 
 def run(main) -> None:
   configure_logging()
-  app.run(main, flags_parser=_parse_flags)
+  with peers.reporting_exit():
+    app.run(main, flags_parser=_parse_flags)
 
 
 def require(value, flag: str, fix: str) -> None:
@@ -69,30 +73,57 @@ def user_errors_exit():
   from instdisc_jax import train  # pylint: disable=g-import-not-at-top
   try:
     yield
+  except NonFiniteLossError as e:               # before UserError, which it subclasses
+    if FLAGS.verbose:
+      raise
+    _exit(str(e), EXIT_FAILURE)
   except UserError as e:
     if FLAGS.verbose:
       raise
     _exit(str(e), EXIT_USER_ERROR)
-  except train.NonFiniteLossError as e:
-    if FLAGS.verbose:
-      raise
-    _exit(str(e), EXIT_FAILURE)
   except train.Preempted as e:
     print(_one_line(str(e)), file=sys.stderr, flush=True)
     sys.exit(EXIT_PREEMPTED)
 
 
+# Environment variables standing in for the multi-process flags (a flag wins over its variable).
+# jax.distributed.initialize reads JAX_COORDINATOR_ADDRESS itself, but not the other two.
+DISTRIBUTED_ENV = {"coordinator_address": "JAX_COORDINATOR_ADDRESS",
+                   "num_processes": "JAX_NUM_PROCESSES", "process_id": "JAX_PROCESS_ID"}
+
+
+def _distributed_setting(name: str):
+  """--name, else its environment variable (an int for the counts), else None."""
+  if FLAGS[name].value is not None:
+    return FLAGS[name].value
+  variable = DISTRIBUTED_ENV[name]
+  value = os.environ.get(variable, "").strip()
+  if not value or name == "coordinator_address":
+    return value or None
+  try:
+    return int(value)
+  except ValueError:
+    raise UserError(f"{variable}={value!r} must be a whole number (or pass --{name})") from None
+
+
 def initialize_runtime() -> None:
-  """Starts `jax.distributed` for multi-process runs; single-process runs need nothing."""
+  """Starts `jax.distributed` for multi-process runs; single-process runs need nothing.
+
+  The processes find each other through --coordinator_address, --num_processes and
+  --process_id, or JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID; on a
+  multi-host TPU VM slice JAX detects what is not given.
+  """
   import jax  # pylint: disable=g-import-not-at-top
-  explicit = FLAGS.coordinator_address is not None
-  if explicit:
-    if FLAGS.num_processes is None or FLAGS.process_id is None:
-      raise UserError("--coordinator_address needs --num_processes and --process_id too")
-    jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
-                               num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
-  elif _on_multihost_tpu():
-    jax.distributed.initialize()
+  from instdisc_jax import parallel  # pylint: disable=g-import-not-at-top
+  settings = {name: _distributed_setting(name) for name in DISTRIBUTED_ENV}
+  if None not in settings.values() or _on_multihost_tpu():
+    jax.distributed.initialize(**settings)
+    parallel.join_collectives()
+    peers.start()
+  elif any(value is not None for value in settings.values()):
+    missing = [f"--{name} (or {DISTRIBUTED_ENV[name]})" for name, value in settings.items()
+               if value is None]
+    raise UserError(f"a multi-process run also needs {' and '.join(missing)}")
   pylogging.getLogger(__name__).info(
       "process %d of %d; %d local and %d global devices (%s)", jax.process_index(),
       jax.process_count(), jax.local_device_count(), jax.device_count(),

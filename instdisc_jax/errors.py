@@ -4,6 +4,8 @@ Raise `UserError` (or a subclass) for anything a user can correct: a bad config 
 dataset, an unusable workdir. The message must name the field (or file), the offending value and
 the fix, in one line. `instdisc_jax.main` catches these, prints `error: <message>` to stderr and
 exits with `EXIT_USER_ERROR`; with `--verbose` it re-raises for the traceback.
+
+`NonFiniteLossError` is one line too, but reports a failed run rather than bad input.
 """
 
 EXIT_USER_ERROR = 2
@@ -28,3 +30,9 @@ class DataError(UserError):
 
 class WorkdirError(UserError):
   """The workdir is locked by another run or belongs to an incompatible config."""
+
+
+class NonFiniteLossError(UserError):
+  """Training diverged: the loss, or the train state about to be checkpointed, is NaN or
+  infinite. The message names the step; the last good checkpoint is kept. `instdisc_jax.main`
+  exits with status 1 for it (the run failed), not 2."""

@@ -7,8 +7,11 @@ r"""Trains instance discrimination: flags only, then `train.train_and_evaluate`.
 Multi-process (other than TPU VMs, where it is automatic): --coordinator_address=host:port
 --num_processes=P --process_id=i on every process.
 
-Exit status: 0 done; 2 a problem to fix (one line on stderr; --verbose for the traceback);
-75 stopped by SIGTERM/SIGINT after writing a checkpoint (rerun the same command to resume).
+Exit status: 0 done; 2 a problem to fix before training can run: a bad flag, config value,
+dataset or workdir (one line on stderr, nothing written to the workdir; --verbose for the
+traceback); 1 training diverged (NaN or infinite loss, one line naming the step; the last good
+checkpoint is kept); 75 stopped by SIGTERM/SIGINT after writing a checkpoint (rerun the same
+command to resume).
 """
 
 import sys

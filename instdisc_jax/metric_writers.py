@@ -2,7 +2,10 @@
 
 `metrics.jsonl` has one JSON object per line: {"step": s, "<name>": value, ...}. Training
 scalars are logged under their names (loss, z, learning_rate, images_per_sec, ...); evaluation
-results under "knn/..." names. Appending keeps the history of a resumed run in one file.
+results under "knn/..." names. Appending keeps the history of a resumed run in one file: a
+writer opened with `resume_step=s` first drops the records (and hides the TensorBoard events)
+after step s, which a preempted or killed run wrote past its last checkpoint and a resumed run
+writes again, so every step is recorded once.
 """
 
 from __future__ import annotations
@@ -27,14 +30,18 @@ def _to_python(value):
 class MetricWriter:
   """Writes scalars on process 0; a no-op on other processes."""
 
-  def __init__(self, workdir: str, *, enabled: Optional[bool] = None):
+  def __init__(self, workdir: str, *, enabled: Optional[bool] = None,
+               resume_step: Optional[int] = None):
     self.enabled = jax.process_index() == 0 if enabled is None else enabled
     self.path = os.path.join(workdir, "metrics.jsonl")
     self._tb = None
     if self.enabled:
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
       os.makedirs(workdir, exist_ok=True)
-      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+      if resume_step is not None:
+        drop_records_after(workdir, resume_step)
+      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"),
+                               purge_step=None if resume_step is None else resume_step + 1)
 
   def write(self, step: int, scalars: Mapping[str, float]) -> None:
     if not self.enabled:
@@ -50,6 +57,23 @@ class MetricWriter:
   def close(self) -> None:
     if self._tb is not None:
       self._tb.close()
+
+
+def drop_records_after(workdir: str, step: int) -> None:
+  """Rewrites `<workdir>/metrics.jsonl` without its records of steps after `step` and without a
+  torn last line (atomically; the file is left alone when there is nothing to drop)."""
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    lines = f.read().splitlines()
+  kept = [r for r in read_metrics(workdir) if r.get("step", 0) <= step]
+  if len(kept) == len(lines):
+    return
+  log.info("dropping %d records after step %d from %s", len(lines) - len(kept), step, path)
+  with open(path + ".tmp", "w") as f:
+    f.writelines(json.dumps(r) + "\n" for r in kept)
+  os.replace(path + ".tmp", path)
 
 
 def read_metrics(workdir: str) -> list[dict]:

@@ -1,0 +1,169 @@
+"""Command-line parsing whose every problem is one line: absl flags and ml_collections configs.
+
+absl and ml_collections report a bad flag in their own ways (a KeyError whose text spans two
+lines for an unknown config field, a multi-line traceback for a config file that fails, an
+IOError deferred until a missing config file is first used). `parse` turns each into a
+`UserError` naming the flag or field, the value and the fix, worded like config validation's
+messages:
+
+  config.batchsize is not a config field; did you mean 'batch_size'? (from --config.batchsize=3)
+  config.batch_size='abc': must be an integer
+  --config=configs/x.py: cannot load the config file ([Errno 2] No such file or directory: ...)
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import traceback
+from typing import Optional, Sequence
+
+from absl import flags
+import ml_collections
+
+from instdisc_jax.errors import UserError
+
+# What a value must look like, by the absl parser that rejected it.
+_EXPECTED = {"IntegerParser": "must be an integer", "FloatParser": "must be a number",
+             "BooleanParser": "must be True or False"}
+
+
+def parse(argv: Sequence[str], flag_values: flags.FlagValues = flags.FLAGS) -> list[str]:
+  """`flag_values(argv)`; raises UserError with one line for any problem."""
+  describe = _Describer(argv, flag_values)
+  try:
+    remaining = flag_values(argv)
+  except flags.IllegalFlagValueError as e:
+    raise UserError(describe.bad_value(e)) from e
+  except flags.Error as e:
+    raise UserError(f"{first_line(e)}; see --helpfull") from e
+  except (KeyError, AttributeError) as e:       # --config.<a field the config does not have>
+    raise UserError(describe.unknown_field(e)) from e
+  except OSError as e:                          # a config file that cannot be read
+    raise UserError(describe.unreadable_config(e)) from e
+  except (TypeError, ValueError) as e:
+    raise UserError(f"bad --config override: {first_line(e)}") from e
+  except Exception as e:  # pylint: disable=broad-except
+    raising = describe.config_file_raising(e)
+    if raising is None:
+      raise
+    raise UserError(f"--{raising}={describe.value_of(raising)}: cannot load the config file "
+                    f"({type(e).__name__}: {first_line(e)})") from e
+  for name in describe.config_flags:
+    if flag_values[name].value is None:         # not given: the entry point says what to do
+      continue
+    try:
+      flag_values[name].value.keys()            # raises the deferred error of a missing file
+    except OSError as e:
+      raise UserError(describe.unreadable_config(e, name)) from e
+  return remaining
+
+
+def first_line(error: BaseException) -> str:
+  """The first line of an error's message (of the innermost error it wraps)."""
+  while error.args and isinstance(error.args[0], BaseException):
+    error = error.args[0]
+  text = str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error)
+  return text.strip().splitlines()[0] if text.strip() else type(error).__name__
+
+
+def _last_line(text) -> str:
+  lines = [line.strip() for line in str(text).strip().splitlines() if line.strip()]
+  return lines[-1] if lines else ""
+
+
+class _Describer:
+  """One-line descriptions of the errors of parsing `argv` into `flag_values`."""
+
+  def __init__(self, argv: Sequence[str], flag_values: flags.FlagValues):
+    self.argv = list(argv)
+    self.flag_values = flag_values
+    # Flags defined by ml_collections.config_flags: they take --<name>.<field> overrides.
+    self.config_flags = [name for name, flag in flag_values._flags().items()  # pylint: disable=protected-access
+                         if hasattr(type(flag), "override_values")]
+
+  def value_of(self, name: str) -> Optional[str]:
+    """The value given to --name on the command line (the last one), or None."""
+    value = None
+    for i, arg in enumerate(self.argv):
+      if arg.startswith(f"--{name}="):
+        value = arg.split("=", 1)[1]
+      elif arg == f"--{name}" and i + 1 < len(self.argv):
+        value = self.argv[i + 1]
+    return value
+
+  def overrides(self) -> list[tuple[str, str, str]]:
+    """(config flag, dotted field, the argument) of every --<config flag>.<field> argument."""
+    found = []
+    for arg in self.argv:
+      match = re.match(r"^--?(?:no)?([\w-]+)\.([\w.-]+)", arg)
+      if match and match.group(1) in self.config_flags:
+        found.append((match.group(1), match.group(2), arg))
+    return found
+
+  def config_of(self, name: str) -> Optional[ml_collections.ConfigDict]:
+    """The config of flag `name` before overrides, or None if it cannot be had."""
+    flag = self.flag_values[name]
+    try:
+      path = self.value_of(name)
+      config = flag.parser.parse(path) if path is not None else flag.default
+    except Exception:  # pylint: disable=broad-except  # the caller falls back on the error text
+      return None
+    return config if isinstance(config, ml_collections.ConfigDict) else None
+
+  def unknown_field(self, error: BaseException) -> str:
+    """`--config.batchsize=3`: the field, the closest valid name or else the valid names."""
+    key = first_line(error).strip("'\"")
+    for name, field, arg in self.overrides():
+      parts = field.split(".")
+      if key not in parts:
+        continue
+      depth = parts.index(key)
+      group = self.config_of(name)
+      for part in parts[:depth]:
+        group = group.get(part) if isinstance(group, ml_collections.ConfigDict) else None
+      if isinstance(group, ml_collections.ConfigDict):
+        from instdisc_jax import config_validation  # pylint: disable=g-import-not-at-top  # jax
+        hint = config_validation.unknown_field_hint(key, group.keys(),
+                                                    ".".join([name] + parts[:depth]))
+      else:
+        close = re.search(r'Did you mean "([^"]+)"', repr(error))
+        hint = f"; did you mean {close.group(1)!r}?" if close else ""
+      return f"{name}.{'.'.join(parts[:depth + 1])} is not a config field{hint} (from {arg})"
+    return f"bad --config override: {first_line(error)}"
+
+  def bad_value(self, error: flags.IllegalFlagValueError) -> str:
+    """A value that does not parse: "config.batch_size='abc': must be an integer"."""
+    message = str(error)
+    match = re.match(r"flag --([^=\s]+)=", message)
+    name = match.group(1) if match else ""
+    if name in self.config_flags:               # the config file itself failed to load
+      return (f"--{name}={self.value_of(name)}: cannot load the config file "
+              f"({_last_line(message)})")
+    if name in self.flag_values:
+      expected = _EXPECTED.get(type(self.flag_values[name].parser).__name__)
+      value = self.value_of(name)
+      if expected and value is not None:
+        is_field = "." in name and name.split(".", 1)[0] in self.config_flags
+        return f"{name if is_field else '--' + name}={value!r}: {expected}"
+    return f"{first_line(error)}; see --helpfull"
+
+  def config_file_raising(self, error: BaseException) -> Optional[str]:
+    """The config flag whose file raised `error` (while building its config), or None."""
+    files = {}
+    for name in self.config_flags:
+      value = self.value_of(name)
+      if value:
+        files[os.path.abspath(value.split(":", 1)[0])] = name
+    for frame, _ in traceback.walk_tb(error.__traceback__):
+      name = files.get(os.path.abspath(frame.f_code.co_filename))
+      if name is not None:
+        return name
+    return None
+
+  def unreadable_config(self, error: OSError, name: Optional[str] = None) -> str:
+    """A config file that is missing or unreadable, with the system's reason."""
+    name = name or next(iter(self.config_flags), "config")
+    cause = error.__cause__ or error
+    return (f"--{name}={self.value_of(name)}: cannot load the config file "
+            f"({_last_line(cause)})")

@@ -1,0 +1,239 @@
+"""Checkpoint integrity on 8 fake devices, with a small stand-in for the train state.
+
+A checkpoint is visible only when complete; a damaged, partial or unreadable newest checkpoint
+is reported by name and the previous one restored; a state holding NaN is never written; a
+workdir of an incompatible run is refused with the differing fields.
+"""
+
+import logging
+import os
+import shutil
+
+import jax
+import numpy as np
+import pytest
+
+from instdisc_jax import checkpointing
+from instdisc_jax import parallel
+from instdisc_jax import train
+from instdisc_jax.checkpointing import Checkpointer
+from instdisc_jax.errors import NonFiniteLossError, WorkdirError
+
+# Restoring a damaged checkpoint leaves tensorstore futures that complete after orbax's event
+# loop closed; Python reports them as unraisable exceptions. They are harmless here.
+pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+
+SHARDED = ("rows",)
+META = {"num_instances": 32, "low_dim": 3, "model": "small_resnet"}
+
+
+def make_state(offset: float = 0.0):
+  """Replicated leaves (one copy per device) and an instance-sharded `rows` leaf."""
+  weights = np.random.default_rng(0).standard_normal(200_000).astype(np.float32) + offset
+  return {
+      "params": parallel.replicate({"w": weights, "b": np.full((3,), offset, np.float32)}),
+      "step": parallel.replicate(np.int32(offset)),
+      "rows": parallel.shard_local_rows(
+          np.arange(8 * 4 * 3, dtype=np.float32).reshape(8, 4, 3) + offset),
+  }
+
+
+def host(state):
+  """{leaf name: numpy value} (replicated leaves from the first device)."""
+  flat = jax.tree_util.tree_flatten_with_path(state)[0]
+  return {checkpointing.leaf_name(path): np.asarray(parallel.first_replica(x))
+          if checkpointing.leaf_name(path) != "rows" else np.asarray(x) for path, x in flat}
+
+
+def assert_same(a, b):
+  a, b = host(a), host(b)
+  assert a.keys() == b.keys()
+  for name in a:
+    np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+
+
+@pytest.fixture
+def saved(tmp_path):
+  """A workdir with checkpoints 4 and 8 (keep 2); returns (workdir, states by step)."""
+  states = {4: make_state(4.0), 8: make_state(8.0)}
+  checkpointer = Checkpointer(tmp_path, keep=2, sharded_keys=SHARDED)
+  for step, state in states.items():
+    checkpointer.save(step, state, {"step": step}, META)
+  checkpointer.close()
+  return str(tmp_path), states
+
+
+def restore(workdir, meta=META):
+  checkpointer = Checkpointer(workdir, keep=2, sharded_keys=SHARDED)
+  try:
+    return checkpointer.restore(make_state(), meta, compatible=train.incompatible_fields), \
+        checkpointer.all_steps()
+  finally:
+    checkpointer.close()
+
+
+def files_of(step_dir, sub=""):
+  """The files under a checkpoint's directory (or `sub` of it), largest first."""
+  found = [os.path.join(root, name) for root, _, names in os.walk(os.path.join(step_dir, sub))
+           for name in names]
+  return sorted(found, key=os.path.getsize, reverse=True)
+
+
+def test_round_trip_is_exact(saved):
+  workdir, states = saved
+  (state, data_state, step), steps = restore(workdir)
+  assert (step, data_state, steps) == (8, {"step": 8}, [4, 8])
+  assert_same(state, states[8])
+
+
+def test_damaged_data_chunk_is_caught_by_the_checksum(saved, caplog):
+  """A flipped byte in a data chunk reads back without error from tensorstore; the checksum
+  catches it, the warning names the checkpoint, and the previous checkpoint is restored."""
+  workdir, states = saved
+  newest = os.path.join(workdir, "checkpoints", "8")
+  chunk = files_of(newest, "state/ocdbt.process_0/d")[0]
+  content = bytearray(open(chunk, "rb").read())
+  content[len(content) // 2] ^= 0x10
+  open(chunk, "wb").write(bytes(content))
+  with caplog.at_level(logging.WARNING, logger="instdisc_jax.checkpointing"):
+    (state, data_state, step), steps = restore(workdir)
+  assert (step, data_state, steps) == (4, {"step": 4}, [4])
+  assert_same(state, states[4])
+  (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+  assert f"checkpoint {newest} is unreadable" in warning
+  assert "params/w does not match its checksum" in warning
+  assert "restoring the previous one (step 4)" in warning
+  assert os.path.isdir(os.path.join(workdir, "unreadable_checkpoints", "8"))
+
+
+@pytest.mark.parametrize("damage", ["delete the largest file", "truncate the largest file",
+                                    "delete the state index", "delete the meta item"])
+def test_unreadable_newest_checkpoint_falls_back(saved, damage, caplog):
+  workdir, states = saved
+  newest = os.path.join(workdir, "checkpoints", "8")
+  if damage == "delete the largest file":
+    os.remove(files_of(newest)[0])
+  elif damage == "truncate the largest file":
+    path = files_of(newest)[0]
+    content = open(path, "rb").read()
+    open(path, "wb").write(content[:len(content) // 2])
+  elif damage == "delete the state index":
+    os.remove(os.path.join(newest, "state", "manifest.ocdbt"))
+  else:
+    os.remove(os.path.join(newest, "meta", "metadata"))
+  with caplog.at_level(logging.WARNING, logger="instdisc_jax.checkpointing"):
+    (state, _, step), steps = restore(workdir)
+  assert (step, steps) == (4, [4])
+  assert_same(state, states[4])
+  warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+  assert len(warnings) == 1 and warnings[0].startswith(f"checkpoint {newest} is unreadable (")
+
+
+def test_read_only_restore_falls_back_without_moving_anything(saved, caplog):
+  """Evaluators and pre-run checks read a workdir that another run may be writing."""
+  workdir, states = saved
+  newest = os.path.join(workdir, "checkpoints", "8")
+  os.remove(os.path.join(newest, "state", "manifest.ocdbt"))
+  checkpointer = Checkpointer(workdir, keep=None, sharded_keys=SHARDED, read_only=True)
+  with caplog.at_level(logging.WARNING, logger="instdisc_jax.checkpointing"):
+    state, _, step = checkpointer.restore(make_state(), META)
+  checkpointer.close()
+  assert step == 4
+  assert_same(state, states[4])
+  assert f"checkpoint {newest} is unreadable" in caplog.text
+  assert os.path.isdir(newest)
+  assert not os.path.exists(os.path.join(workdir, "unreadable_checkpoints"))
+
+
+def test_no_readable_checkpoint_starts_over(saved, caplog):
+  workdir, _ = saved
+  for step in ("4", "8"):
+    os.remove(os.path.join(workdir, "checkpoints", step, "state", "manifest.ocdbt"))
+  with caplog.at_level(logging.WARNING, logger="instdisc_jax.checkpointing"):
+    restored, steps = restore(workdir)
+  assert restored is None and steps == []
+  assert "no older checkpoint: training starts from step 0" in caplog.text
+  assert sorted(os.listdir(os.path.join(workdir, "unreadable_checkpoints"))) == ["4", "8"]
+
+
+def test_a_new_checkpoint_replaces_a_set_aside_one(saved):
+  """After falling back to step 4, saving step 8 again works (the bad 8 is out of the way)."""
+  workdir, states = saved
+  os.remove(os.path.join(workdir, "checkpoints", "8", "state", "manifest.ocdbt"))
+  checkpointer = Checkpointer(workdir, keep=2, sharded_keys=SHARDED)
+  checkpointer.restore(make_state(), META)
+  checkpointer.save(8, states[8], {"step": 8}, META)
+  checkpointer.close()
+  (state, _, step), steps = restore(workdir)
+  assert (step, steps) == (8, [4, 8])
+  assert_same(state, states[8])
+
+
+def test_failed_save_is_invisible_and_keeps_the_last_good_checkpoint(tmp_path):
+  """keep=1: a save that fails midway neither shows up nor costs the previous checkpoint."""
+  checkpointer = Checkpointer(tmp_path, keep=1, sharded_keys=SHARDED)
+  checkpointer.save(4, make_state(4.0), {"step": 4}, META)
+  with pytest.raises(TypeError):
+    checkpointer.save(8, make_state(8.0), {"step": object()}, META)   # not JSON
+  assert checkpointer.all_steps() == [4]
+  checkpointer.close()
+  (state, _, step), steps = restore(str(tmp_path))
+  assert (step, steps) == (4, [4])
+  assert_same(state, make_state(4.0))
+
+
+def test_unfinished_checkpoint_directory_is_ignored_then_removed(saved):
+  """What a kill during a save leaves (a temporary directory) is never restored, and the next
+  writer removes it."""
+  workdir, states = saved
+  directory = os.path.join(workdir, "checkpoints")
+  partial = os.path.join(directory, "12.orbax-checkpoint-tmp-1700000000000000")
+  shutil.copytree(os.path.join(directory, "8"), partial)
+  os.remove(os.path.join(partial, "commit_success.txt"))
+  (state, _, step), steps = restore(workdir)
+  assert (step, steps) == (8, [4, 8])
+  assert_same(state, states[8])
+  assert sorted(os.listdir(directory)) == ["4", "8"]
+
+
+def test_nonfinite_state_is_never_written(saved):
+  workdir, _ = saved
+  state = make_state(12.0)
+  state["params"]["b"] = parallel.replicate(np.array([0.0, np.nan, np.inf], np.float32))
+  checkpointer = Checkpointer(workdir, keep=2, sharded_keys=SHARDED)
+  with pytest.raises(NonFiniteLossError) as error:
+    checkpointer.save(12, state, {"step": 12}, META)
+  assert str(error.value).startswith(
+      "the train state after step 12 holds NaN or infinite values (params/b), so it is not "
+      "checkpointed; the last checkpoint (step 8) is kept")
+  assert checkpointer.all_steps() == [4, 8]
+  checkpointer.close()
+
+
+def test_incompatible_run_is_refused_with_the_differing_fields(saved):
+  workdir, _ = saved
+  other = dict(META, low_dim=128, model="resnet50")
+  expected = (f"workdir {workdir} holds a run with a different low_dim (saved 3, now 128), "
+              "model (saved 'small_resnet', now 'resnet50'); use a new --workdir or the "
+              "original config")
+  with pytest.raises(WorkdirError) as error:
+    checkpointing.check_compatible(workdir, other, train.incompatible_fields)
+  assert str(error.value) == expected
+  with pytest.raises(WorkdirError) as error:
+    restore(workdir, other)
+  assert str(error.value) == expected
+  checkpointing.check_compatible(workdir, META, train.incompatible_fields)
+
+
+def test_checksums_do_not_depend_on_the_layout():
+  """The same values checksum the same whether replicated, sharded or on one device."""
+  values = np.random.default_rng(1).standard_normal((8, 5, 3)).astype(np.float32)
+  sharded, _ = checkpointing.inspect_leaves({"x": parallel.shard_local_rows(values)})
+  single, _ = checkpointing.inspect_leaves({"x": jax.numpy.asarray(values)})
+  assert sharded == single
+  changed = values.copy()
+  changed[3, 2, 1] = np.nextafter(changed[3, 2, 1], np.float32(1))
+  assert checkpointing.inspect_leaves({"x": jax.numpy.asarray(changed)})[0] != single
+  swapped = values.copy()
+  swapped[0, 0, [0, 1]] = swapped[0, 0, [1, 0]]
+  assert checkpointing.inspect_leaves({"x": jax.numpy.asarray(swapped)})[0] != single
