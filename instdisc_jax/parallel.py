@@ -5,6 +5,12 @@ processes, in `jax.devices()` order), sharded one slice per device: `NamedShardi
 P(AXIS))`. Replicated values (params, optimizer state, Z) hold one identical slice per device;
 instance-sharded values (the bank) hold one shard per device. A process only ever touches the
 slices of its local devices.
+
+pmap takes such global arrays, and global position k on the device axis is `lax.axis_index` k
+inside the step. With several processes, pmap *returns* host-local arrays: shape (L, ...) over
+this process's L devices, slice j being global position `local_device_indices()[j]`. They can be
+passed back to pmap as they are; `to_global` turns them into the global (D, ...) array that they
+are this process's part of (which is what checkpoints store).
 """
 
 from __future__ import annotations
@@ -76,9 +82,34 @@ def shard_local_rows(tree: Any) -> Any:
       lambda x: jax.make_array_from_process_local_data(device_sharding(), np.asarray(x)), tree)
 
 
+def to_global(x: jax.Array) -> jax.Array:
+  """A pmap output (D or L slices on the device axis) -> the global (D, ...) array."""
+  if x.shape[0] == jax.device_count():
+    return x
+  return jax.make_array_from_single_device_arrays(
+      (jax.device_count(),) + x.shape[1:], device_sharding(),
+      [s.data for s in x.addressable_shards])
+
+
+def join_collectives() -> None:
+  """Runs one all-device psum, so that all processes set up their collectives together.
+
+  Call it right after `jax.distributed.initialize` (a no-op with one process). The first
+  collective over a set of devices is where the processes connect to each other, and on CPU
+  (gloo) they must all get there within 30 s. Were that the first train step, a process that
+  compiles it much faster than another (e.g. from the persistent compilation cache, which in a
+  multi-process run only process 0 writes) would fail with "Gloo context initialization failed".
+  Once connected, a collective waits for slower processes as long as it takes.
+  """
+  if jax.process_count() == 1:
+    return
+  ones = shard_local_rows(np.ones((jax.local_device_count(),), np.int32))
+  jax.block_until_ready(jax.pmap(lambda x: jax.lax.psum(x, AXIS), axis_name=AXIS)(ones))
+
+
 def first_replica(x: jax.Array) -> np.ndarray:
   """Host copy of a replicated (D, ...) value, read from this process's first device."""
-  return np.asarray(x.addressable_shards[0].data[0])
+  return np.asarray(x.addressable_shards[0].data)[0]    # Indexing on the host compiles nothing.
 
 
 def to_single_copy(x: jax.Array) -> jax.Array:

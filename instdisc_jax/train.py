@@ -37,14 +37,14 @@ from instdisc_jax import objectives
 from instdisc_jax import optim
 from instdisc_jax import parallel
 from instdisc_jax import sharding
-from instdisc_jax.checkpointing import Checkpointer
-from instdisc_jax.errors import UserError
+from instdisc_jax.checkpointing import Checkpointer, check_compatible
+from instdisc_jax.errors import NonFiniteLossError, UserError
 from instdisc_jax.memory_bank import MemoryBank
 from instdisc_jax.metric_writers import MetricWriter
 from instdisc_jax.parallel import AXIS
 from instdisc_jax.preemption import StopSignal
 from instdisc_jax.sharding import ShardLayout
-from instdisc_jax.workdir import WorkdirLock
+from instdisc_jax.workdir import WorkdirLock, create_workdir
 
 log = logging.getLogger(__name__)
 
@@ -287,10 +287,6 @@ def pmapped(fn, donate_argnums=(), **static):
 # ------------------------------------------------------------------------------------------------
 
 
-class NonFiniteLossError(UserError):
-  """The loss became NaN or infinite."""
-
-
 class Preempted(Exception):
   """SIGTERM/SIGINT arrived; a checkpoint of the last completed step was written."""
 
@@ -361,7 +357,6 @@ class Trainer:
     self.config = config
     self.workdir = workdir
     self.train_split, self.eval_split = data.load_splits(config)
-    data.check_fingerprint(workdir, self.train_split, write=jax.process_index() == 0)
     n = self.train_split.num_examples
     config_validation.validate_against_data(config, n)
     self.layout = ShardLayout(n, jax.device_count())
@@ -398,15 +393,28 @@ class Trainer:
         self.layout.shard_array(labels.astype(np.int32), fill=-1)[
             parallel.local_device_indices()])
     self.meta = run_meta(config, self.layout, self.train_split.fingerprint)
-    self.checkpointer = Checkpointer(workdir, keep=config.keep_checkpoints,
-                                     sharded_keys=INSTANCE_SHARDED_KEYS)
+    self.checkpointer = None      # Made by `initialize`: building a Trainer writes nothing.
     self.state = None
     self.iterator = None
 
   # -- set-up -------------------------------------------------------------------------------------
 
+  def check_workdir(self) -> None:
+    """Refuses a workdir holding another run (other data, or a different n, d, model, ...).
+
+    Reads only, so it can run before the workdir is locked or anything is written to it.
+    """
+    check_compatible(self.workdir, self.meta, incompatible_fields)
+    data.check_fingerprint(self.workdir, self.train_split, write=False)
+
   def initialize(self) -> int:
-    """Restores the newest checkpoint, or builds a fresh state. Returns the step reached."""
+    """Restores the newest checkpoint, or builds a fresh state. Returns the step reached.
+
+    Records the data's fingerprint in the workdir; call it holding the workdir's lock.
+    """
+    data.check_fingerprint(self.workdir, self.train_split, write=jax.process_index() == 0)
+    self.checkpointer = Checkpointer(self.workdir, keep=self.config.keep_checkpoints,
+                                     sharded_keys=INSTANCE_SHARDED_KEYS)
     key = jax.random.key_data(jax.random.key(self.config.seed))
     self.state = self.p_init(parallel.replicate(key))
     restored = self.checkpointer.restore(self.state, self.meta, compatible=incompatible_fields)
@@ -422,6 +430,25 @@ class Trainer:
         image_size=self.config.image_size, host_crop=not self.train_split.fixed_size)
     if data_state is not None:
       self.iterator.set_state(data_state)
+    return self.step
+
+  def restore_for_evaluation(self) -> int:
+    """Restores the newest checkpoint into `state` without training (for evaluators); returns
+    its step. Raises UserError when the workdir has no checkpoint that can be read."""
+    checkpointer = Checkpointer(self.workdir, keep=None, sharded_keys=INSTANCE_SHARDED_KEYS,
+                                read_only=True)
+    try:
+      if checkpointer.latest_step() is None:
+        raise UserError(f"{self.workdir} has no checkpoint to evaluate; train it first with "
+                        "python -m instdisc_jax.main")
+      key = jax.random.key_data(jax.random.key(self.config.seed))
+      restored = checkpointer.restore(self.p_init(parallel.replicate(key)), self.meta,
+                                      compatible=incompatible_fields)
+    finally:
+      checkpointer.close()
+    if restored is None:
+      raise UserError(f"no checkpoint of {self.workdir} could be read (see the warnings above)")
+    self.state = restored[0]
     return self.step
 
   @property
@@ -468,7 +495,7 @@ class Trainer:
     """Trains to `total_steps` from the current step; returns the final evaluation."""
     config = self.config
     stop = stop or StopSignal()
-    writer = MetricWriter(self.workdir)
+    writer = MetricWriter(self.workdir, resume_step=self.step)
     step = self.step
     pending = _Pending()
     bar = tqdm.tqdm(total=self.total_steps, initial=step, unit="step", dynamic_ncols=True,
@@ -503,8 +530,9 @@ class Trainer:
             and epoch % config.eval_every_epochs == 0 and step < self.total_steps):
           result = self.evaluate_knn(self.state.bank.rows)
           writer.write(step, {f"knn_bank/{k}": v for k, v in result.items()} | {"epoch": epoch})
-          bar.write(f"epoch {epoch}: kNN on bank features top-1 {result['top1']:.2f}% "
-                    f"top-5 {result['top5']:.2f}%")
+          if jax.process_index() == 0:
+            bar.write(f"epoch {epoch}: kNN on bank features top-1 {result['top1']:.2f}% "
+                      f"top-5 {result['top5']:.2f}%")
           clock.restart(step)
         if save_now or signal_name:
           self.save()
@@ -551,7 +579,8 @@ class Trainer:
     return results
 
   def close(self) -> None:
-    self.checkpointer.close()
+    if self.checkpointer is not None:
+      self.checkpointer.close()
 
 
 class _Throughput:
@@ -607,13 +636,18 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        stop: Optional[StopSignal] = None) -> dict:
-  """Trains per `config` in `workdir` (resuming what is there) and returns the final kNN."""
+  """Trains per `config` in `workdir` (resuming what is there) and returns the final kNN.
+
+  Everything that can be wrong with the config, the data or the workdir is found before
+  anything is compiled or written to the workdir.
+  """
   config_validation.validate(config, num_devices=jax.device_count(),
                              num_processes=jax.process_count())
-  os.makedirs(workdir, exist_ok=True)
+  trainer = Trainer(config, workdir)     # Loads the data and validates the config against it.
+  trainer.check_workdir()
+  create_workdir(workdir)
   with WorkdirLock(workdir):
     save_config(config, workdir)
-    trainer = Trainer(config, workdir)
     try:
       step = trainer.initialize()
       log.info("training %s on %s for %d steps (%d per epoch) from step %d on %d devices",
