@@ -184,6 +184,7 @@ FIELDS: dict[str, Any] = {
     "model_width": Integer(0, 4096),
     "low_dim": Integer(1, 65536),
     "cross_device_bn": Boolean(),
+    "head_batchnorm": Boolean(),
     "compute_dtype": Choice(DTYPES),
     "objective": Choice(tuple(objectives.OBJECTIVES)),
     "num_negatives": Integer(1),

@@ -28,6 +28,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.model_width = 0                  # Stem/first-stage width; 0 = the model's default.
   config.low_dim = 128                    # Embedding dimension d (bank row size).
   config.cross_device_bn = False          # BatchNorm statistics over all devices, not per device.
+  config.head_batchnorm = False           # BatchNorm on the embedding before L2 norm (not ref.).
   config.compute_dtype = "float32"        # float32 | bfloat16 for the encoder; loss is float32.
 
   # Instance discrimination.

@@ -316,6 +316,7 @@ def run_meta(config: ml_collections.ConfigDict, layout: ShardLayout, dataset_fin
   return {
       "num_instances": layout.num_instances, "num_devices": layout.num_shards,
       "low_dim": config.low_dim, "model": config.model, "model_width": config.model_width,
+      "head_batchnorm": config.head_batchnorm,
       "objective": config.objective, "bank_dtype": config.bank_dtype,
       "image_size": config.image_size, "dataset": config.dataset,
       "dataset_fingerprint": dataset_fingerprint,
@@ -370,6 +371,7 @@ class Trainer:
     self.model = models.get_model(
         config.model, low_dim=config.low_dim, dtype=jnp.dtype(config.compute_dtype),
         bn_axis_name=AXIS if config.cross_device_bn else None,
+        head_batchnorm=config.head_batchnorm,
         **({"width": config.model_width} if config.model_width else {}))
     self.learning_rate_fn = optim.learning_rate_schedule(config, self.steps_per_epoch,
                                                          self.total_steps)

@@ -38,6 +38,7 @@ VALID = {
     "model_width": st.sampled_from([0, 2, 4]),
     "low_dim": st.sampled_from([1, 8, 16]),
     "cross_device_bn": st.booleans(),
+    "head_batchnorm": st.booleans(),
     "compute_dtype": st.sampled_from(cv.DTYPES),
     "objective": st.sampled_from(cv.FIELDS["objective"].choices),
     "num_negatives": st.integers(1, N - 1),
@@ -76,8 +77,8 @@ VALID = {
 }
 # The fields that change the traced train step's shapes or program.
 STEP_SHAPING = ("image_size", "model", "model_width", "low_dim", "cross_device_bn",
-                "compute_dtype", "objective", "num_negatives", "shared_noise", "bank_dtype",
-                "z_mode", "batch_size")
+                "head_batchnorm", "compute_dtype", "objective", "num_negatives", "shared_noise",
+                "bank_dtype", "z_mode", "batch_size")
 
 
 # -- invalid values, from the rules ----------------------------------------------------------------
