@@ -112,7 +112,14 @@ def _distributed_setting(name: str):
 HOST_DEVICE_FLAG = "--xla_force_host_platform_device_count"
 
 
-def split_cpu_into_devices(batch_sizes) -> None:
+def host_device_count(requested: int, cores: int, batch_sizes) -> int:
+  """`requested`, or for 0 the most devices <= `cores` that divide every batch size."""
+  if requested:
+    return requested
+  return max(d for d in range(1, cores + 1) if all(b % d == 0 for b in batch_sizes))
+
+
+def split_cpu_into_devices(batch_sizes, requested: int = 0) -> None:
   """On a CPU, makes one XLA device per core (up to a divisor of every batch size).
 
   XLA runs the small convolutions of one CPU device on about one core; with one device per core
@@ -121,10 +128,9 @@ def split_cpu_into_devices(batch_sizes) -> None:
   XLA_FLAGS setting of the device count wins. Must run before JAX initialises its backends.
   """
   flags_now = os.environ.get("XLA_FLAGS", "")
-  if HOST_DEVICE_FLAG in flags_now or FLAGS.host_devices == 1:
+  if HOST_DEVICE_FLAG in flags_now:
     return
-  cores = FLAGS.host_devices or len(os.sched_getaffinity(0))
-  devices = max(d for d in range(1, cores + 1) if all(b % d == 0 for b in batch_sizes))
+  devices = host_device_count(requested, len(os.sched_getaffinity(0)), batch_sizes)
   if devices > 1:
     os.environ["XLA_FLAGS"] = f"{flags_now} {HOST_DEVICE_FLAG}={devices}".strip()
 

@@ -35,7 +35,8 @@ def main(argv):
   with cli.user_errors_exit():
     cli.require(_WORKDIR.value, "--workdir", "give a directory for checkpoints and logs")
     cli.require(FLAGS.config, "--config", "give a config file, e.g. configs/fashion_mnist.py")
-    cli.split_cpu_into_devices((FLAGS.config.batch_size, FLAGS.config.eval_batch_size))
+    cli.split_cpu_into_devices((FLAGS.config.batch_size, FLAGS.config.eval_batch_size),
+                               FLAGS.host_devices)
     cli.initialize_runtime()
     from instdisc_jax import train  # pylint: disable=g-import-not-at-top
     with cli.stop_signal() as stop:
