@@ -1,0 +1,147 @@
+r"""Evaluates a trained workdir: kNN sweep, linear probe, semi-supervised fine-tuning, feature
+export, retrieval grid and training curves. Flags only; the work is in `instdisc_jax.evaluation`.
+
+  python -m instdisc_jax.evaluate --workdir=/tmp/fmnist
+  python -m instdisc_jax.evaluate --workdir=/tmp/fmnist --config.eval.knn_k="(10,50,200)" \
+      --config.eval.linear_probe=False --config.eval.semi_supervised_fractions="()"
+
+The run's config is read from `<workdir>/config.json` and the newest checkpoint is restored (a
+workdir without one is refused, exit 2). Results go to `<workdir>/eval_results.json` and stdout;
+pictures and exported features to the workdir. Without a labelled eval split, kNN, the probe and
+fine-tuning are skipped with a notice. Fields of `--config.eval.*`: instdisc_jax/evaluation/
+config.py. The runtime flags are training's: on a CPU the host is split into as many devices as
+training split it (checkpoints hold one bank shard per device; --host_devices overrides), and
+multi-process runs take --coordinator_address/--num_processes/--process_id.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+
+import ml_collections
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+from instdisc_jax import cli
+from instdisc_jax.evaluation import config as eval_config_lib
+
+log = logging.getLogger(__name__)
+
+FLAGS = flags.FLAGS
+RESULTS_NAME = "eval_results.json"
+
+
+def build_evaluators(trainer, config: ml_collections.ConfigDict, workdir: str) -> list:
+  """(name, evaluator) pairs for what `config.eval` asks for and the data allows."""
+  from instdisc_jax.evaluation import export  # pylint: disable=g-import-not-at-top
+  from instdisc_jax.evaluation import features  # pylint: disable=g-import-not-at-top
+  from instdisc_jax.evaluation import knn_sweep  # pylint: disable=g-import-not-at-top
+  from instdisc_jax.evaluation import linear_probe  # pylint: disable=g-import-not-at-top
+  from instdisc_jax.evaluation import pictures  # pylint: disable=g-import-not-at-top
+  from instdisc_jax.evaluation import semi_supervised  # pylint: disable=g-import-not-at-top
+  e = config.eval
+  cache = features.FeatureCache(trainer, e.batch_size or trainer.config.eval_batch_size)
+  evaluators = []
+  labelled = trainer.eval_split is not None
+  if not labelled and (e.knn or e.linear_probe or e.semi_supervised_fractions):
+    log.warning("no labelled eval split: kNN, linear probe and semi-supervised evaluation "
+                "skipped")
+  if labelled and e.knn:
+    evaluators.append(("knn", knn_sweep.KnnSweep(trainer, cache, e.knn_k, e.knn_temperatures,
+                                                 e.knn_banks)))
+  if labelled and e.linear_probe:
+    evaluators.append(("linear_probe", linear_probe.LinearProbe(
+        trainer, cache, e.probe_features, linear_probe.ProbeConfig(
+            epochs=e.probe_epochs, batch_size=e.probe_batch_size,
+            learning_rate=e.probe_learning_rate, weight_decay=e.probe_weight_decay,
+            seed=e.seed))))
+  if labelled and e.semi_supervised_fractions:
+    evaluators.append(("semi_supervised", semi_supervised.SemiSupervised(
+        trainer, cache, e.semi_supervised_fractions, semi_supervised.FinetuneConfig(
+            steps=e.finetune_steps, batch_size=e.finetune_batch_size,
+            learning_rate=e.finetune_learning_rate, momentum=e.finetune_momentum,
+            weight_decay=e.finetune_weight_decay, augment=e.finetune_augment,
+            crop_scale_min=e.finetune_crop_scale_min, seed=e.seed))))
+  if e.export:
+    evaluators.append(("export", export.Export(trainer, cache, workdir)))
+  if e.retrieval_grid:
+    evaluators.append(("retrieval_grid", pictures.RetrievalGrid(
+        trainer, cache, workdir, num_queries=e.retrieval_queries,
+        num_neighbors=e.retrieval_neighbors, bank=e.retrieval_bank, seed=e.seed)))
+  if e.curves:
+    evaluators.append(("curves", pictures.TrainingCurves(trainer, workdir)))
+  return evaluators
+
+
+def evaluate(workdir: str, config: ml_collections.ConfigDict) -> dict:
+  """Restores the newest checkpoint of `workdir`, runs the evaluators, writes the results."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from instdisc_jax import train  # pylint: disable=g-import-not-at-top
+  eval_config_lib.validate(config, num_devices=jax.device_count())
+  trainer = train.Trainer(train.load_config(workdir), workdir)
+  step = trainer.restore_for_evaluation()
+  results = {"step": step}
+  for name, evaluator in build_evaluators(trainer, config, workdir):
+    log.info("evaluating: %s", name)
+    results[name] = evaluator.run(trainer.state)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, RESULTS_NAME), "w") as f:
+      json.dump(results, f, indent=2)
+  return results
+
+
+def summary_lines(results: dict) -> list[str]:
+  """One line per result, for the console."""
+  lines = [f"checkpoint of step {results['step']}"]
+  for bank, settings in results.get("knn", {}).items():
+    for setting, r in settings.items():
+      lines.append(f"kNN ({bank} features) {setting}: top-1 {r['top1']:.2f}%  "
+                   f"top-5 {r['top5']:.2f}%")
+  for kind, r in results.get("linear_probe", {}).items():
+    lines.append(f"linear probe ({kind}): top-1 {r['top1']:.2f}%  "
+                 f"(train {r['train_top1']:.2f}%)")
+  for fraction, r in results.get("semi_supervised", {}).items():
+    lines.append(f"fine-tuned on {fraction} of the labels ({r['labelled']} images): "
+                 f"top-1 {r['top1']:.2f}%")
+  for role, path in results.get("export", {}).items():
+    lines.append(f"{role} features: {path}")
+  for name in ("retrieval_grid", "curves"):
+    if "path" in results.get(name, {}):
+      lines.append(f"{name.replace('_', ' ')}: {results[name]['path']}")
+  return lines
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  with cli.user_errors_exit():
+    cli.require(FLAGS.workdir, "--workdir", "give the directory of a training run")
+    from instdisc_jax import train  # pylint: disable=g-import-not-at-top
+    run_config = train.load_config(FLAGS.workdir)
+    # As many CPU devices as training made (checkpoints are per device count).
+    cli.split_cpu_into_devices((run_config.batch_size, run_config.eval_batch_size),
+                               FLAGS.host_devices)
+    cli.initialize_runtime()
+    import jax  # pylint: disable=g-import-not-at-top
+    results = evaluate(FLAGS.workdir, FLAGS.config)
+    if jax.process_index() == 0:
+      print("\n".join(summary_lines(results)), flush=True)
+
+
+def define_flags() -> None:
+  """The program's flags; defined only when it runs, so that importing the module (tests, other
+  programs) defines none."""
+  flags.DEFINE_string("workdir", None, "A workdir written by instdisc_jax.main.")
+  config_flags.DEFINE_config_dict("config", eval_config_lib.get_config(),
+                                  "Evaluation settings (--config.eval.<field>=...).",
+                                  lock_config=True)
+  cli.define_runtime_flags()
+
+
+if __name__ == "__main__":
+  define_flags()
+  sys.exit(cli.run(main))

@@ -1,0 +1,14 @@
+"""Evaluators of a trained run, used by `python -m instdisc_jax.evaluate`.
+
+Each evaluator is built from the restored `train.Trainer` and has `run(state) -> dict`:
+
+* `knn_sweep.KnnSweep`: weighted kNN for several (k, tau) from one neighbour search, on the
+  memory bank and on recomputed features;
+* `linear_probe.LinearProbe`: softmax regression on the frozen embedding and pooled features;
+* `semi_supervised.SemiSupervised`: fine-tuning on 1 % / 10 % of the labels;
+* `export.Export`: features, labels and indices to .npz;
+* `pictures.RetrievalGrid`, `pictures.TrainingCurves`: the retrieval grid and Fig. 4.
+
+`features.FeatureCache` extracts each split's features once for all of them; `config` defines
+`--config.eval.*`.
+"""

@@ -1,0 +1,99 @@
+"""Weighted kNN over several (k, tau) from one neighbour search (paper Section 3.4).
+
+The neighbours of each query are found once with the largest k (`knn.nearest_neighbors`, over
+the sharded bank); every (k, tau) then votes with the first k of them (`knn.weighted_vote`). The
+result for k = `config.knn_k`, tau = `config.knn_temperature` is the training run's final kNN.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import numpy as np
+
+from instdisc_jax import knn
+from instdisc_jax import parallel
+from instdisc_jax import train
+from instdisc_jax.evaluation import features as features_lib
+from instdisc_jax.parallel import AXIS
+from instdisc_jax.sharding import AxisName
+
+
+def setting_name(k: int, temperature: float) -> str:
+  """The key of one (k, tau) in the results, e.g. "k=200,tau=0.07"."""
+  return f"k={k},tau={temperature:g}"
+
+
+def sweep_counts(queries: jax.Array, targets: jax.Array, valid: jax.Array, rows: jax.Array,
+                 labels: jax.Array, *, num_instances: int, num_classes: int, ks: Sequence[int],
+                 temperatures: Sequence[float], axis_name: AxisName = None) -> dict:
+  """Top-1/top-5 hit counts of the queries for every (k, tau): {setting_name: {"top1", "top5"}}.
+
+  queries: (Q, d) unit-norm features (replicated); targets: (Q,) labels; valid: (Q,) bool, False
+  rows are not counted; rows, labels: this shard of the bank and its labels (see `knn`).
+  """
+  neighbors = knn.nearest_neighbors(queries, rows, labels, num_instances=num_instances,
+                                    k=max(ks), axis_name=axis_name)
+  counts = {}
+  for k in ks:
+    first_k = jax.tree.map(lambda x, k=k: x[:, :k], neighbors)
+    for temperature in temperatures:
+      scores = knn.weighted_vote(first_k, num_classes=num_classes, temperature=temperature)
+      counts[setting_name(k, temperature)] = knn.count_correct(scores, targets, valid=valid)
+  return counts
+
+
+def _sweep_step(queries, targets, valid, rows, labels, *, num_instances: int, num_classes: int,
+                ks: tuple, temperatures: tuple):
+  """`sweep_counts` of a replicated chunk of queries against the sharded bank."""
+  return sweep_counts(queries, targets, valid, rows, labels, num_instances=num_instances,
+                      num_classes=num_classes, ks=ks, temperatures=temperatures,
+                      axis_name=AXIS)
+
+
+def chunks(features: features_lib.Features, size: int):
+  """(queries, targets, valid) host chunks of `size` rows; the last is padded, valid False."""
+  for start in range(0, len(features.labels), size):
+    queries = features.embedding[start:start + size]
+    pad = size - len(queries)
+    yield (np.pad(queries, ((0, pad), (0, 0))),
+           np.pad(features.labels[start:start + size], (0, pad), constant_values=-1),
+           np.arange(size) < len(queries))
+
+
+class KnnSweep:
+  """kNN accuracy (%) of the eval split for every (k, tau), against each bank asked for.
+
+  The queries are the eval split's features from the shared `FeatureCache`. `run(state)`
+  returns {bank: {setting_name(k, tau): {"top1": %, "top5": %}}} with bank "bank" (the memory
+  bank) and/or "recomputed" (training features under the eval transform). Values of k above n
+  are capped at n (and named so).
+  """
+
+  def __init__(self, trainer: train.Trainer, cache: features_lib.FeatureCache,
+               ks: Sequence[int], temperatures: Sequence[float], banks: Sequence[str]):
+    self.trainer = trainer
+    self.cache = cache
+    self.banks = tuple(banks)
+    n = trainer.layout.num_instances
+    self._p_sweep = train.pmapped(_sweep_step, num_instances=n, num_classes=trainer.num_classes,
+                                  ks=tuple(sorted({min(k, n) for k in ks})),
+                                  temperatures=tuple(temperatures))
+
+  def run(self, state: train.TrainState) -> dict:
+    queries = self.cache.get(state, self.trainer.eval_split)
+    results = {}
+    for bank in self.banks:
+      rows = state.bank.rows if bank == "bank" else self.cache.bank_rows(state)
+      totals: dict = {}
+      for chunk in chunks(queries, self.cache.batch_size):
+        counts = self._p_sweep(*parallel.replicate(chunk), rows, self.trainer.bank_labels)
+        for setting, hits in counts.items():
+          for name, value in hits.items():
+            totals.setdefault(setting, {}).setdefault(name, 0)
+            totals[setting][name] += int(parallel.first_replica(value))
+      total = max(len(queries.labels), 1)
+      results[bank] = {setting: {name: 100.0 * hits / total for name, hits in by_name.items()}
+                       for setting, by_name in totals.items()}
+    return results

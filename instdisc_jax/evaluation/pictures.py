@@ -1,0 +1,129 @@
+"""The evaluators that draw: the nearest-neighbour retrieval grid and the training curves.
+
+Retrieval: queries are drawn from the eval split by `seed` (one per class before any class
+repeats), embedded under the eval transform, and their nearest training images are found over
+the sharded bank with `knn.nearest_neighbors` (exact, ties to the lower index), in the memory
+bank or in recomputed features. Without an eval split the queries come from the training split
+and each query's own image is left out of its neighbours.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Optional
+
+import jax
+import numpy as np
+
+from instdisc_jax import knn
+from instdisc_jax import metric_writers
+from instdisc_jax import parallel
+from instdisc_jax import plots
+from instdisc_jax import train
+from instdisc_jax.evaluation import features as features_lib
+from instdisc_jax.parallel import AXIS
+
+log = logging.getLogger(__name__)
+
+
+def pick_queries(labels: Optional[np.ndarray], num_records: int, num: int,
+                 seed: int) -> np.ndarray:
+  """`num` record indices in a seeded random order; with labels, the first of every class
+  comes before the second of any."""
+  order = np.random.default_rng(seed).permutation(num_records)
+  if labels is not None:
+    seen: dict = {}
+    rank = np.empty(num_records, np.int64)
+    for position, index in enumerate(order):
+      label = int(labels[index])
+      rank[position] = seen.get(label, 0)
+      seen[label] = rank[position] + 1
+    order = order[np.argsort(rank, kind="stable")]
+  return order[:num]
+
+
+def _neighbors_step(queries, rows, labels, *, num_instances: int, k: int):
+  return knn.nearest_neighbors(queries, rows, labels, num_instances=num_instances, k=k,
+                               axis_name=AXIS)
+
+
+def drop_self(neighbors: knn.Neighbors, queries: np.ndarray, k: int) -> knn.Neighbors:
+  """The first k neighbours of each query other than the query's own record."""
+  keep = neighbors.indices != queries[:, None]
+  order = np.argsort(~keep, axis=1, kind="stable")[:, :k]
+  return jax.tree.map(lambda x: np.take_along_axis(np.asarray(x), order, axis=1), neighbors)
+
+
+class RetrievalGrid:
+  """`run(state)` draws `<workdir>/retrieval.png` (process 0); returns the path, the query and
+  neighbour indices, and the fraction of neighbours of the query's class (None without labels).
+  """
+
+  def __init__(self, trainer: train.Trainer, cache: features_lib.FeatureCache, workdir: str, *,
+               num_queries: int, num_neighbors: int, bank: str, seed: int):
+    self.trainer = trainer
+    self.cache = cache
+    self.path = os.path.join(workdir, "retrieval.png")
+    self.num_queries = num_queries
+    self.bank = bank
+    self.seed = seed
+    self.from_train = trainer.eval_split is None
+    n = trainer.layout.num_instances
+    self.k = min(num_neighbors, n - 1 if self.from_train else n)
+    self._p_neighbors = train.pmapped(_neighbors_step, num_instances=n,
+                                      k=min(self.k + self.from_train, n))
+
+  def run(self, state: train.TrainState) -> dict:
+    trainer = self.trainer
+    query_split = trainer.train_split if self.from_train else trainer.eval_split
+    query_features = self.cache.get(state, query_split)
+    labelled = bool((query_features.labels >= 0).any())
+    picks = pick_queries(query_features.labels if labelled else None,
+                         len(query_features.labels), self.num_queries, self.seed)
+    rows = state.bank.rows if self.bank == "bank" else self.cache.bank_rows(state)
+    found = self._p_neighbors(parallel.replicate(query_features.embedding[picks]), rows,
+                              trainer.bank_labels)
+    neighbors = jax.tree.map(parallel.first_replica, found)
+    if self.from_train:
+      neighbors = drop_self(neighbors, picks, self.k)
+    indices = np.asarray(neighbors.indices)
+    image_size = trainer.config.image_size
+    query_labels = query_features.labels[picks]
+    if jax.process_index() == 0:
+      plots.retrieval_grid(
+          self.path, features_lib.load_images(query_split, picks, image_size), query_labels,
+          np.stack([features_lib.load_images(trainer.train_split, row, image_size)
+                    for row in indices]),
+          np.asarray(neighbors.labels), np.asarray(neighbors.scores),
+          class_names=trainer.train_split.class_names)
+    same = None
+    if labelled:
+      same = float(np.mean(np.asarray(neighbors.labels) == query_labels[:, None]))
+    return {"path": self.path, "bank": self.bank, "queries": picks.tolist(),
+            "neighbors": indices.tolist(), "same_class_fraction": same}
+
+
+class TrainingCurves:
+  """`run(state)` draws `<workdir>/curves.png` from `metrics.jsonl` (the paper's Fig. 4)."""
+
+  def __init__(self, trainer: train.Trainer, workdir: str):
+    self.workdir = workdir
+    self.path = os.path.join(workdir, "curves.png")
+    config = trainer.config
+    objective = config.objective + (f" m={config.num_negatives}"
+                                    if config.objective in ("nce", "infonce") else "")
+    self.title = f"{config.dataset}, {objective}: training loss vs test kNN accuracy"
+
+  def run(self, state: train.TrainState) -> dict:
+    del state  # The curves come from the run's log.
+    if jax.process_index() != 0:
+      return {"path": self.path}
+    records = metric_writers.read_metrics(self.workdir)
+    try:
+      curves = plots.training_curves(self.path, records, self.title)
+    except ValueError as error:
+      log.warning("training curves skipped: %s", error)
+      return {"skipped": str(error)}
+    return {"path": self.path, "loss_points": int(len(curves.loss[0])),
+            "knn_points": int(len(curves.knn_bank[0]) + len(curves.knn_recomputed[0]))}

@@ -1,0 +1,206 @@
+"""Semi-supervised evaluation: fine-tune the pretrained encoder and a linear head on a small,
+class-balanced labelled subset of the training split, then score the eval split (top-1).
+
+The subset takes round(fraction * n_c) (at least one) images of every class c, drawn by a
+generator seeded by (seed, c), so it is the same on every process and every run. The classifier
+is the pretrained encoder (its BatchNorm statistics included) with a zero-initialised linear layer
+on the pooled backbone features. Training is data-parallel like the train step (pmapped over all
+devices, gradients and BatchNorm statistics averaged); the global batch at step s is a slice of
+the concatenated per-epoch permutations of the subset seeded by (seed, epoch), each process
+taking its rows of it, so the run does not depend on the topology. Images get the run's
+normalisation and, with `augment`, a light augmentation (RandomResizedCrop with area in
+[crop_scale_min, 1] and the run's horizontal flip; no colour changes).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from instdisc_jax import augment
+from instdisc_jax import data
+from instdisc_jax import parallel
+from instdisc_jax import sharding
+from instdisc_jax import train
+from instdisc_jax.evaluation import features as features_lib
+from instdisc_jax.parallel import AXIS
+
+
+@dataclasses.dataclass(frozen=True)
+class FinetuneConfig:
+  """The fine-tuning recipe (see `evaluation.config`)."""
+
+  steps: int
+  batch_size: int
+  learning_rate: float
+  momentum: float
+  weight_decay: float
+  augment: bool
+  crop_scale_min: float
+  seed: int
+
+
+def balanced_subset(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+  """Sorted indices of round(fraction * n_c) (>= 1) random examples of every class c."""
+  chosen = []
+  for c in np.unique(labels[labels >= 0]):
+    members = np.flatnonzero(labels == c)
+    count = max(1, int(round(fraction * len(members))))
+    chosen.append(np.random.default_rng((seed, int(c))).choice(members, count, replace=False))
+  return np.sort(np.concatenate(chosen))
+
+
+def global_batch(num: int, batch_size: int, seed: int, step: int) -> np.ndarray:
+  """Positions (into the subset) of the global batch at `step`: slice `step` of the
+  concatenation of permutations of range(num) seeded by (seed, epoch)."""
+  positions = []
+  start = step * batch_size
+  while len(positions) < batch_size:
+    epoch, offset = divmod(start, num)
+    taken = data.epoch_permutation(seed, epoch, num)[offset:offset + batch_size - len(positions)]
+    positions.extend(taken.tolist())
+    start += len(taken)
+  return np.asarray(positions)
+
+
+class Classifier(nn.Module):
+  """The encoder's pooled backbone features followed by a linear layer to the classes.
+
+  Only applied: its parameters are the pretrained encoder's and a zero-initialised layer
+  (`SemiSupervised._initial_state`), so it is never initialised itself.
+  """
+
+  encoder: nn.Module
+  num_classes: int
+
+  @nn.compact
+  def __call__(self, images: jax.Array, train: bool) -> jax.Array:
+    _, pooled = self.encoder(images, train=train, return_pooled=True)
+    return nn.Dense(self.num_classes, name="classifier")(pooled)
+
+
+@flax.struct.dataclass
+class FinetuneState:
+  """Replicated over devices like the train state."""
+
+  step: jax.Array
+  params: dict
+  batch_stats: dict
+  opt_state: optax.OptState
+
+
+def _finetune_step(state: FinetuneState, batch, key_data, *, model: Classifier,
+                   tx: optax.GradientTransformation, transform: augment.AugmentConfig,
+                   light: bool):
+  """One SGD step on this device's part of the global batch; returns (state, global loss)."""
+  if light:
+    step_key = jax.random.fold_in(jax.random.wrap_key_data(key_data), state.step)
+    device_key = jax.random.fold_in(step_key, sharding.shard_index(AXIS))
+    images = augment.train_augment(device_key, batch["image"], transform)
+  else:
+    images = augment.eval_transform(batch["image"], transform)
+
+  def loss_fn(params):
+    logits, updates = model.apply({"params": params, "batch_stats": state.batch_stats}, images,
+                                  train=True, mutable=["batch_stats"])
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
+    return loss, updates
+
+  (loss, updates), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  grads = jax.lax.pmean(grads, AXIS)        # equal per-device batches: the global mean
+  param_updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  return state.replace(step=state.step + 1,
+                       params=optax.apply_updates(state.params, param_updates),
+                       batch_stats=jax.lax.pmean(updates["batch_stats"], AXIS),
+                       opt_state=opt_state), jax.lax.pmean(loss, AXIS)
+
+
+def _correct_step(state: FinetuneState, batch, *, model: Classifier,
+                  transform: augment.AugmentConfig):
+  """(correct predictions, real examples) of a global eval batch, summed over devices."""
+  logits = model.apply({"params": state.params, "batch_stats": state.batch_stats},
+                       augment.eval_transform(batch["image"], transform), train=False)
+  hits = (jnp.argmax(logits, axis=-1) == batch["label"]) & batch["mask"]
+  return (jax.lax.psum(jnp.sum(hits, dtype=jnp.int32), AXIS),
+          jax.lax.psum(jnp.sum(batch["mask"], dtype=jnp.int32), AXIS))
+
+
+class SemiSupervised:
+  """`run(state)` -> {"1%": {"labelled", "top1", "final_loss"}, ...} for each fraction."""
+
+  def __init__(self, trainer: train.Trainer, cache: features_lib.FeatureCache,
+               fractions: Sequence[float], config: FinetuneConfig):
+    self.trainer = trainer
+    self.cache = cache
+    self.fractions = tuple(fractions)
+    self.config = config
+    self.model = Classifier(encoder=trainer.model, num_classes=trainer.num_classes)
+    schedule = optax.cosine_decay_schedule(config.learning_rate, config.steps)
+    self.tx = optax.chain(optax.add_decayed_weights(config.weight_decay),
+                          optax.sgd(schedule, momentum=config.momentum or None))
+    run_transform = trainer.augment_config
+    self.transform = dataclasses.replace(
+        run_transform, crop_scale=(config.crop_scale_min, 1.0), crop_on_device=True,
+        grayscale_prob=0.0, brightness=0.0, contrast=0.0, saturation=0.0, hue=0.0)
+    self._p_step = train.pmapped(_finetune_step, donate_argnums=(0,), model=self.model,
+                                 tx=self.tx, transform=self.transform, light=config.augment)
+    self._p_correct = train.pmapped(_correct_step, model=self.model, transform=self.transform)
+
+  def _initial_state(self, state: train.TrainState) -> FinetuneState:
+    """The pretrained encoder (first replica) with a fresh head, replicated on the devices."""
+    encoder = jax.tree.map(parallel.first_replica, state.params["encoder"])
+    batch_stats = jax.tree.map(parallel.first_replica, state.batch_stats)
+    # The encoder's embedding head takes the pooled features: its input size is theirs.
+    pooled_dim = encoder["head"]["kernel"].shape[0]
+    params = {"encoder": encoder, "classifier": {
+        "kernel": np.zeros((pooled_dim, self.trainer.num_classes), np.float32),
+        "bias": np.zeros((self.trainer.num_classes,), np.float32)}}
+    return parallel.replicate(FinetuneState(
+        step=np.zeros((), np.int32), params=params, batch_stats={"encoder": batch_stats},
+        opt_state=jax.tree.map(np.asarray, self.tx.init(params))))
+
+  def _finetune(self, state: train.TrainState, subset: np.ndarray) -> tuple[FinetuneState, float]:
+    """The fine-tuned classifier and its last step's loss (`config.steps` >= 1 steps)."""
+    config, split = self.config, self.trainer.train_split
+    local = config.batch_size // jax.process_count()
+    first = jax.process_index() * local
+    tuned = self._initial_state(state)
+    key = parallel.replicate(jax.random.key_data(jax.random.key(config.seed)))
+    for step in range(config.steps):
+      rows = subset[global_batch(len(subset), config.batch_size, config.seed, step)]
+      rows = rows[first:first + local]
+      batch = {"image": features_lib.load_images(split, rows, self.trainer.config.image_size),
+               "label": split.labels[rows].astype(np.int32)}
+      tuned, loss = self._p_step(tuned, parallel.shard_local_batch(batch), key)
+      # One step in flight at a time: with several steps queued, XLA:CPU's in-process
+      # all-reduce was seen to wait forever for a device (2 host devices, 2 cores).
+      loss = float(parallel.first_replica(loss))
+    return tuned, loss
+
+  def _top1(self, tuned: FinetuneState) -> float:
+    """Top-1 accuracy (%) of the fine-tuned classifier on the eval split."""
+    correct = total = 0
+    for batch in features_lib.batches(self.trainer, self.trainer.eval_split,
+                                      self.cache.batch_size):
+      batch = {name: batch[name] for name in ("image", "label", "mask")}
+      hits, real = self._p_correct(tuned, parallel.shard_local_batch(batch))
+      correct += int(parallel.first_replica(hits))
+      total += int(parallel.first_replica(real))
+    return 100.0 * correct / max(total, 1)
+
+  def run(self, state: train.TrainState) -> dict:
+    labels = self.trainer.train_split.labels
+    results = {}
+    for fraction in self.fractions:
+      subset = balanced_subset(labels, fraction, self.config.seed)
+      tuned, loss = self._finetune(state, subset)
+      results[f"{100 * fraction:g}%"] = {"labelled": int(len(subset)),
+                                         "top1": self._top1(tuned), "final_loss": loss}
+    return results

@@ -1,0 +1,264 @@
+"""The evaluators on 8 fake devices: known answers on synthetic features, and every evaluator on
+one tiny trained workdir (four well-separated blob classes), checked against brute force and
+against the training run's own kNN."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from instdisc_jax import default_config
+from instdisc_jax import evaluate
+from instdisc_jax import knn
+from instdisc_jax import train
+from instdisc_jax.errors import ConfigError, UserError
+from instdisc_jax.evaluation import config as eval_config
+from instdisc_jax.evaluation import knn_sweep
+from instdisc_jax.evaluation import linear_probe
+from instdisc_jax.evaluation import pictures
+from instdisc_jax.evaluation import semi_supervised
+from instdisc_jax.plots import GridLayout
+
+CONFIGS = os.path.join(os.path.dirname(__file__), os.pardir, "configs")
+REPO = os.path.join(os.path.dirname(__file__), os.pardir)
+
+
+# -- known answers on synthetic features ---------------------------------------------------------
+
+
+def clusters(rng, num, num_classes=4, dim=16, spread=0.05):
+  """Unit vectors near one of `num_classes` orthogonal directions, and their classes."""
+  labels = rng.integers(0, num_classes, num)
+  x = np.eye(dim, dtype=np.float32)[labels] + spread * rng.normal(size=(num, dim))
+  return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32), labels.astype(
+      np.int32)
+
+
+def sweep(queries, targets, rows, labels, ks=(1, 5, 20), temperatures=(0.05, 0.1)):
+  counts = knn_sweep.sweep_counts(queries, targets, np.ones(len(targets), bool), rows, labels,
+                                  num_instances=len(rows), num_classes=4, ks=ks,
+                                  temperatures=temperatures)
+  return {name: 100.0 * int(c["top1"]) / len(targets) for name, c in counts.items()}
+
+
+def test_knn_sweep_separable_clusters_are_classified_perfectly():
+  rng = np.random.default_rng(0)
+  rows, labels = clusters(rng, 200)
+  queries, targets = clusters(rng, 100)
+  accuracies = sweep(queries, targets, rows, labels)
+  assert set(accuracies) == {knn_sweep.setting_name(k, t) for k in (1, 5, 20)
+                             for t in (0.05, 0.1)}
+  assert all(a == 100.0 for a in accuracies.values())
+
+
+def test_knn_sweep_shuffled_labels_give_chance():
+  rng = np.random.default_rng(1)
+  rows, labels = clusters(rng, 400, spread=0.5)      # overlapping: every query votes afresh
+  queries, targets = clusters(rng, 400, spread=0.5)
+  assert min(sweep(queries, targets, rows, labels).values()) > 55   # structure is found ...
+  accuracies = sweep(queries, targets, rows, rng.permutation(labels))   # ... and lost
+  assert all(12 <= a <= 38 for a in accuracies.values()), accuracies   # chance is 25 %
+
+
+def test_knn_sweep_matches_one_knn_classify_per_setting():
+  rng = np.random.default_rng(2)
+  rows, labels = clusters(rng, 300, spread=0.8)
+  queries, targets = clusters(rng, 64, spread=0.8)
+  accuracies = sweep(queries, targets, rows, labels, ks=(3, 30), temperatures=(0.07, 1.0))
+  for k in (3, 30):
+    for t in (0.07, 1.0):
+      scores = knn.knn_classify(queries, rows, labels, num_instances=300, num_classes=4, k=k,
+                                temperature=t)
+      hits = int(knn.count_correct(scores, targets)["top1"])
+      assert accuracies[knn_sweep.setting_name(k, t)] == 100.0 * hits / 64
+
+
+PROBE = linear_probe.ProbeConfig(epochs=20, batch_size=64, learning_rate=0.01,
+                                 weight_decay=0.0, seed=0)
+
+
+def test_linear_probe_separable_clusters_and_shuffled_labels():
+  rng = np.random.default_rng(3)
+  x, y = clusters(rng, 400, dim=8)
+  test_x, test_y = clusters(rng, 400, dim=8)
+  assert linear_probe.probe(x, y, test_x, test_y, 4, PROBE)["top1"] == 100.0
+  x, y = clusters(rng, 400, dim=32, spread=0.5)
+  test_x, test_y = clusters(rng, 400, dim=32, spread=0.5)
+  assert linear_probe.probe(x, y, test_x, test_y, 4, PROBE)["top1"] > 55
+  shuffled = linear_probe.probe(x, rng.permutation(y), test_x, test_y, 4, PROBE)["top1"]
+  assert 12 <= shuffled <= 38                                       # chance is 25 %
+
+
+def test_standardise_uses_training_statistics():
+  train_x = np.array([[0.0, 10.0], [2.0, 30.0]])
+  a, b = linear_probe.standardise(train_x, np.array([[1.0, 20.0]]))
+  np.testing.assert_allclose(a, [[-1, -1], [1, 1]])
+  np.testing.assert_allclose(b, [[0, 0]])
+
+
+def test_balanced_subset_is_class_balanced_and_deterministic():
+  labels = np.repeat(np.arange(5), 200)
+  subset = semi_supervised.balanced_subset(labels, 0.1, seed=7)
+  assert np.array_equal(np.bincount(labels[subset]), [20] * 5)
+  assert np.array_equal(subset, np.unique(subset))
+  assert np.array_equal(subset, semi_supervised.balanced_subset(labels, 0.1, seed=7))
+  assert not np.array_equal(subset, semi_supervised.balanced_subset(labels, 0.1, seed=8))
+  # At least one image of every class, however small the fraction.
+  assert np.array_equal(np.bincount(labels[semi_supervised.balanced_subset(labels, 1e-4, 0)]),
+                        [1] * 5)
+
+
+def test_finetune_batches_cover_the_subset_every_epoch():
+  batches = [semi_supervised.global_batch(10, 4, seed=0, step=s) for s in range(5)]
+  order = np.concatenate(batches)
+  assert sorted(order[:10]) == list(range(10)) and sorted(order[10:20]) == list(range(10))
+  # Batches larger than the subset repeat it.
+  assert sorted(semi_supervised.global_batch(3, 6, seed=0, step=0)) == [0, 0, 1, 1, 2, 2]
+
+
+def test_queries_cover_the_classes_first():
+  labels = np.repeat(np.arange(4), 25)
+  picks = pictures.pick_queries(labels, 100, 6, seed=0)
+  assert sorted(labels[picks[:4]]) == [0, 1, 2, 3] and len(set(picks)) == 6
+
+
+def test_eval_config_rejects_bad_fields():
+  config = eval_config.get_config()
+  eval_config.validate(config, num_devices=8)
+  config.eval.knn_k = ()
+  with pytest.raises(ConfigError, match="eval.knn_k"):
+    eval_config.validate(config, num_devices=8)
+  config = eval_config.get_config()
+  config.eval.finetune_batch_size = 12
+  with pytest.raises(ConfigError, match="multiple of the number of devices"):
+    eval_config.validate(config, num_devices=8)
+
+
+# -- every evaluator on a tiny trained workdir ---------------------------------------------------
+
+
+def blob_images(rng, n, size=16):
+  """Four classes: a bright square in one of the four quadrants, plus noise."""
+  labels = rng.integers(0, 4, n)
+  images = rng.integers(0, 40, (n, size, size, 1))
+  half = size // 2
+  for image, label in zip(images, labels):
+    row, col = divmod(int(label), 2)
+    image[row * half:(row + 1) * half, col * half:(col + 1) * half] += 200
+  return np.clip(images, 0, 255).astype(np.uint8), labels
+
+
+@pytest.fixture(scope="module")
+def tiny_npz(tmp_path_factory):
+  rng = np.random.default_rng(0)
+  images, labels = blob_images(rng, 96)
+  test_images, test_labels = blob_images(rng, 40)
+  path = tmp_path_factory.mktemp("data") / "blobs.npz"
+  np.savez(path, images=images, labels=labels, test_images=test_images, test_labels=test_labels)
+  return str(path)
+
+
+def tiny_config(dataset):
+  config = default_config.load_config_file(os.path.join(CONFIGS, "tiny.py"))
+  config.dataset = f"npz:{dataset}"
+  config.num_epochs = 1
+  return config
+
+
+@pytest.fixture(scope="module")
+def evaluated(tiny_npz, tmp_path_factory):
+  """A tiny run (6 steps), then every evaluator with the runlocal config."""
+  workdir = str(tmp_path_factory.mktemp("run"))
+  train_results = train.train_and_evaluate(tiny_config(tiny_npz), workdir)
+  config = eval_config.get_config(runlocal=True)
+  config.eval.knn_k = (10, 200)                # 200 > n = 96: capped at 96
+  config.eval.knn_temperatures = (0.07, 0.5)
+  config.eval.finetune_augment = True          # the path with augmentation
+  return workdir, train_results, evaluate.evaluate(workdir, config)
+
+
+def test_knn_sweep_reproduces_the_training_runs_knn(evaluated):
+  workdir, train_results, results = evaluated
+  assert results["step"] == train_results["step"] == 6
+  for bank, name in (("bank", "knn_bank"), ("recomputed", "knn_recomputed")):
+    assert set(results["knn"][bank]) == {"k=10,tau=0.07", "k=10,tau=0.5", "k=96,tau=0.07",
+                                         "k=96,tau=0.5"}
+    assert results["knn"][bank]["k=10,tau=0.07"] == train_results[name]
+  assert results["knn"]["recomputed"]["k=10,tau=0.07"]["top1"] == 100.0
+
+
+def test_linear_probe_and_fine_tuning_on_separable_blobs(evaluated):
+  _, _, results = evaluated
+  assert set(results["linear_probe"]) == {"embedding", "pooled"}
+  assert results["linear_probe"]["pooled"]["top1"] == 100.0
+  fine_tuned = results["semi_supervised"]
+  assert set(fine_tuned) == {"1%", "10%"}
+  labels = np.load(os.path.join(evaluated[0], "features_train.npz"))["labels"]
+  for fraction, name in ((0.01, "1%"), (0.1, "10%")):
+    assert fine_tuned[name]["labelled"] == len(semi_supervised.balanced_subset(labels, fraction,
+                                                                               0))
+    assert 0 <= fine_tuned[name]["top1"] <= 100 and np.isfinite(fine_tuned[name]["final_loss"])
+
+
+def test_export_writes_features_labels_and_indices(evaluated, tiny_npz):
+  workdir, _, results = evaluated
+  archive = np.load(results["export"]["train"])
+  assert set(archive.files) == {"features", "pooled", "labels", "indices"}
+  assert archive["features"].shape == (96, 16) and archive["pooled"].shape[0] == 96
+  np.testing.assert_allclose(np.linalg.norm(archive["features"], axis=1), 1.0, rtol=1e-5)
+  assert np.array_equal(archive["indices"], np.arange(96))
+  assert np.array_equal(archive["labels"], np.load(tiny_npz)["labels"])
+  assert np.array_equal(np.load(results["export"]["eval"])["labels"],
+                        np.load(tiny_npz)["test_labels"])
+
+
+def test_retrieval_grid_shows_the_true_top_k(evaluated):
+  workdir, _, results = evaluated
+  grid = results["retrieval_grid"]
+  train_features = np.load(os.path.join(workdir, "features_train.npz"))["features"]
+  eval_features = np.load(os.path.join(workdir, "features_eval.npz"))["features"]
+  similarities = eval_features[grid["queries"]] @ train_features.T
+  shown = np.take_along_axis(similarities, np.asarray(grid["neighbors"]), axis=1)
+  top_k = -np.sort(-similarities, axis=1)[:, :10]
+  np.testing.assert_allclose(shown, top_k, atol=1e-5)    # the true top 10, best first
+  assert all(len(set(row)) == 10 for row in grid["neighbors"])
+  with Image.open(grid["path"]) as image:
+    assert image.size == GridLayout(8, 10).size
+  assert 0 <= grid["same_class_fraction"] <= 1
+
+
+def test_curves_and_results_file(evaluated):
+  workdir, _, results = evaluated
+  assert os.path.exists(results["curves"]["path"]) and results["curves"]["loss_points"] == 3
+  with open(os.path.join(workdir, evaluate.RESULTS_NAME)) as f:
+    assert json.load(f) == json.loads(json.dumps(results))
+  assert any(line.startswith("linear probe (pooled)") for line in evaluate.summary_lines(results))
+
+
+def test_a_workdir_without_a_checkpoint_is_refused(evaluated, tmp_path):
+  shutil.copy(os.path.join(evaluated[0], train.CONFIG_NAME), tmp_path)
+  with pytest.raises(UserError, match="has no checkpoint"):
+    evaluate.evaluate(str(tmp_path), eval_config.get_config(runlocal=True))
+  cli = subprocess.run([sys.executable, "-m", "instdisc_jax.evaluate", f"--workdir={tmp_path}"],
+                       capture_output=True, text=True, cwd=REPO, timeout=300)
+  assert cli.returncode == 2
+  assert cli.stderr.strip().splitlines()[-1].startswith("error: ") and "no checkpoint" in \
+      cli.stderr
+
+
+def test_unlabelled_data_skips_the_labelled_evaluators(tmp_path):
+  images, _ = blob_images(np.random.default_rng(1), 32)
+  np.savez(tmp_path / "unlabelled.npz", images=images)
+  config = tiny_config(str(tmp_path / "unlabelled.npz"))
+  trainer = train.Trainer(config, str(tmp_path))
+  try:
+    names = [name for name, _ in evaluate.build_evaluators(
+        trainer, eval_config.get_config(runlocal=True), str(tmp_path))]
+  finally:
+    trainer.close()
+  assert names == ["export", "retrieval_grid", "curves"]
