@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from instdisc_jax import default_config
 from instdisc_jax import evaluate
 from instdisc_jax import knn
 from instdisc_jax import train
@@ -24,7 +23,8 @@ from instdisc_jax.evaluation import pictures
 from instdisc_jax.evaluation import semi_supervised
 from instdisc_jax.plots import GridLayout
 
-CONFIGS = os.path.join(os.path.dirname(__file__), os.pardir, "configs")
+import tiny_run
+
 REPO = os.path.join(os.path.dirname(__file__), os.pardir)
 
 
@@ -142,32 +142,13 @@ def test_eval_config_rejects_bad_fields():
 # -- every evaluator on a tiny trained workdir ---------------------------------------------------
 
 
-def blob_images(rng, n, size=16):
-  """Four classes: a bright square in one of the four quadrants, plus noise."""
-  labels = rng.integers(0, 4, n)
-  images = rng.integers(0, 40, (n, size, size, 1))
-  half = size // 2
-  for image, label in zip(images, labels):
-    row, col = divmod(int(label), 2)
-    image[row * half:(row + 1) * half, col * half:(col + 1) * half] += 200
-  return np.clip(images, 0, 255).astype(np.uint8), labels
-
-
 @pytest.fixture(scope="module")
 def tiny_npz(tmp_path_factory):
-  rng = np.random.default_rng(0)
-  images, labels = blob_images(rng, 96)
-  test_images, test_labels = blob_images(rng, 40)
-  path = tmp_path_factory.mktemp("data") / "blobs.npz"
-  np.savez(path, images=images, labels=labels, test_images=test_images, test_labels=test_labels)
-  return str(path)
+  return tiny_run.write_blobs_npz(tmp_path_factory.mktemp("data") / "blobs.npz")
 
 
 def tiny_config(dataset):
-  config = default_config.load_config_file(os.path.join(CONFIGS, "tiny.py"))
-  config.dataset = f"npz:{dataset}"
-  config.num_epochs = 1
-  return config
+  return tiny_run.config(dataset, num_epochs=1)
 
 
 @pytest.fixture(scope="module")
@@ -252,7 +233,7 @@ def test_a_workdir_without_a_checkpoint_is_refused(evaluated, tmp_path):
 
 
 def test_unlabelled_data_skips_the_labelled_evaluators(tmp_path):
-  images, _ = blob_images(np.random.default_rng(1), 32)
+  images, _ = tiny_run.blob_images(np.random.default_rng(1), 32)
   np.savez(tmp_path / "unlabelled.npz", images=images)
   config = tiny_config(str(tmp_path / "unlabelled.npz"))
   trainer = train.Trainer(config, str(tmp_path))

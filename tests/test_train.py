@@ -9,41 +9,18 @@ import numpy as np
 import pytest
 
 from instdisc_jax import augment
-from instdisc_jax import default_config
 from instdisc_jax import parallel
 from instdisc_jax import train
 from instdisc_jax.parallel import AXIS
 
-CONFIGS = os.path.join(os.path.dirname(__file__), os.pardir, "configs")
-
-
-def blob_images(rng, n, size=16):
-  """Four classes: a bright square in one of the four quadrants, plus noise."""
-  labels = rng.integers(0, 4, n)
-  images = rng.integers(0, 40, (n, size, size, 1))
-  half = size // 2
-  for image, label in zip(images, labels):
-    row, col = divmod(int(label), 2)
-    image[row * half:(row + 1) * half, col * half:(col + 1) * half] += 200
-  return np.clip(images, 0, 255).astype(np.uint8), labels.astype(np.int64)
-
+import tiny_run
 
 @pytest.fixture(scope="module")
 def tiny_npz(tmp_path_factory):
-  rng = np.random.default_rng(0)
-  images, labels = blob_images(rng, 96)
-  test_images, test_labels = blob_images(rng, 40)
-  path = tmp_path_factory.mktemp("data") / "blobs.npz"
-  np.savez(path, images=images, labels=labels, test_images=test_images, test_labels=test_labels)
-  return str(path)
+  return tiny_run.write_blobs_npz(tmp_path_factory.mktemp("data") / "blobs.npz")
 
 
-def tiny_config(dataset, **overrides):
-  config = default_config.load_config_file(os.path.join(CONFIGS, "tiny.py"))
-  config.dataset = f"npz:{dataset}"
-  for key, value in overrides.items():
-    config[key] = value
-  return config
+tiny_config = tiny_run.config
 
 
 @pytest.fixture(scope="module")

@@ -22,6 +22,26 @@ def write_npz(path, n: int = 64, seed: int = 0, shape=(16, 16, 1)) -> str:
   return str(path)
 
 
+def blob_images(rng: np.random.Generator, n: int, size: int = 16):
+  """Four separable classes: a bright square in one of the four quadrants, plus noise."""
+  labels = rng.integers(0, 4, n)
+  images = rng.integers(0, 40, (n, size, size, 1))
+  half = size // 2
+  for image, label in zip(images, labels):
+    row, col = divmod(int(label), 2)
+    image[row * half:(row + 1) * half, col * half:(col + 1) * half] += 200
+  return np.clip(images, 0, 255).astype(np.uint8), labels.astype(np.int64)
+
+
+def write_blobs_npz(path, n: int = 96, n_test: int = 40, seed: int = 0) -> str:
+  """An .npz of `blob_images`: n training and n_test test images."""
+  rng = np.random.default_rng(seed)
+  images, labels = blob_images(rng, n)
+  test_images, test_labels = blob_images(rng, n_test)
+  np.savez(path, images=images, labels=labels, test_images=test_images, test_labels=test_labels)
+  return str(path)
+
+
 def config(npz: str, **overrides):
   """configs/tiny.py on `npz`, with field overrides (dotted names for nested fields)."""
   result = default_config.load_config_file(TINY_CONFIG)
