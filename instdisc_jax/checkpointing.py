@@ -157,6 +157,12 @@ def refuse_if_incompatible(workdir: str, saved_meta: dict, meta: dict,
         "--workdir or the original config")
 
 
+def absolute_path(path) -> str:
+  """`path` made absolute when it is local (orbax refuses relative paths); URLs unchanged."""
+  path = os.fspath(path)
+  return path if "://" in path else os.path.abspath(path)
+
+
 class Checkpointer:
   """Saves and restores (state, data iterator state) under `<workdir>/checkpoints`.
 
@@ -168,7 +174,7 @@ class Checkpointer:
 
   def __init__(self, workdir: str, *, keep: Optional[int], sharded_keys,
                read_only: bool = False):
-    self.workdir = os.fspath(workdir)
+    self.workdir = absolute_path(workdir)
     self.directory = os.path.join(self.workdir, CHECKPOINTS_DIR)
     self.sharded_keys = tuple(sharded_keys)
     self.read_only = read_only

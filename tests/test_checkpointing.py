@@ -86,6 +86,18 @@ def test_round_trip_is_exact(saved):
   assert_same(state, states[8])
 
 
+def test_relative_workdir_saves_and_restores(tmp_path, monkeypatch):
+  """`--workdir=workdirs/run` (the README's default job) is relative; orbax needs absolute."""
+  monkeypatch.chdir(tmp_path)
+  checkpointer = Checkpointer("workdirs/run", keep=2, sharded_keys=SHARDED)
+  checkpointer.save(4, make_state(4.0), {"step": 4}, META)
+  checkpointer.close()
+  (state, _, step), steps = restore("workdirs/run")
+  assert (step, steps) == (4, [4])
+  assert_same(state, make_state(4.0))
+  assert checkpointing.absolute_path("gs://b/run") == "gs://b/run"
+
+
 def test_damaged_data_chunk_is_caught_by_the_checksum(saved, caplog):
   """A flipped byte in a data chunk reads back without error from tensorstore; the checksum
   catches it, the warning names the checkpoint, and the previous checkpoint is restored."""
