@@ -33,9 +33,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks import common, hlo
-from instdisc_jax import memory_bank, objectives, parallel, sharding
+from benchmarks import common
+from benchmarks import hlo
+from instdisc_jax import memory_bank
 from instdisc_jax import noise as noise_lib
+from instdisc_jax import objectives
+from instdisc_jax import parallel
+from instdisc_jax import sharding
 from instdisc_jax.parallel import AXIS
 from instdisc_jax.sharding import ShardLayout
 

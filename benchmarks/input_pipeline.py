@@ -21,8 +21,11 @@ import time
 import jax
 import numpy as np
 
-from benchmarks import common, train_step
-from instdisc_jax import augment, data, parallel
+from benchmarks import common
+from benchmarks import train_step
+from instdisc_jax import augment
+from instdisc_jax import data
+from instdisc_jax import parallel
 from instdisc_jax.parallel import AXIS
 
 CONFIG = "fashion_mnist"

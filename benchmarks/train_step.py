@@ -26,8 +26,15 @@ import ml_collections
 import numpy as np
 import optax
 
-from benchmarks import common, hlo
-from instdisc_jax import augment, data, default_config, models, optim, parallel, train
+from benchmarks import common
+from benchmarks import hlo
+from instdisc_jax import augment
+from instdisc_jax import data
+from instdisc_jax import default_config
+from instdisc_jax import models
+from instdisc_jax import optim
+from instdisc_jax import parallel
+from instdisc_jax import train
 from instdisc_jax.parallel import AXIS
 from instdisc_jax.sharding import ShardLayout
 

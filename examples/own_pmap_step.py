@@ -5,7 +5,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from instdisc_jax import knn, memory_bank, noise, objectives, sharding
+from instdisc_jax import knn
+from instdisc_jax import memory_bank
+from instdisc_jax import noise
+from instdisc_jax import objectives
+from instdisc_jax import sharding
 
 AXIS = "batch"
 n, dim, num_noise, per_device_batch = 1000, 32, 64, 8

@@ -36,7 +36,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from instdisc_jax import parallel
-from instdisc_jax.errors import NonFiniteLossError, WorkdirError
+from instdisc_jax.errors import NonFiniteLossError
+from instdisc_jax.errors import WorkdirError
 
 log = logging.getLogger(__name__)
 

@@ -15,8 +15,11 @@ from absl import logging
 
 from instdisc_jax import flag_errors
 from instdisc_jax import peers
-from instdisc_jax.errors import EXIT_USER_ERROR, NonFiniteLossError, UserError
-from instdisc_jax.preemption import EXIT_PREEMPTED, StopSignal
+from instdisc_jax.errors import EXIT_USER_ERROR
+from instdisc_jax.errors import NonFiniteLossError
+from instdisc_jax.errors import UserError
+from instdisc_jax.preemption import EXIT_PREEMPTED
+from instdisc_jax.preemption import StopSignal
 
 FLAGS = flags.FLAGS
 EXIT_FAILURE = 1
@@ -143,6 +146,7 @@ def initialize_runtime() -> None:
   multi-host TPU VM slice JAX detects what is not given.
   """
   import jax  # pylint: disable=g-import-not-at-top
+
   from instdisc_jax import parallel  # pylint: disable=g-import-not-at-top
   settings = {name: _distributed_setting(name) for name in DISTRIBUTED_ENV}
   if None not in settings.values() or _on_multihost_tpu():

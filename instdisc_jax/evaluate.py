@@ -21,9 +21,9 @@ import logging
 import os
 import sys
 
-import ml_collections
 from absl import app
 from absl import flags
+import ml_collections
 from ml_collections import config_flags
 
 from instdisc_jax import cli
@@ -80,6 +80,7 @@ def build_evaluators(trainer, config: ml_collections.ConfigDict, workdir: str) -
 def evaluate(workdir: str, config: ml_collections.ConfigDict) -> dict:
   """Restores the newest checkpoint of `workdir`, runs the evaluators, writes the results."""
   import jax  # pylint: disable=g-import-not-at-top
+
   from instdisc_jax import train  # pylint: disable=g-import-not-at-top
   eval_config_lib.validate(config, num_devices=jax.device_count())
   trainer = train.Trainer(train.load_config(workdir), workdir)

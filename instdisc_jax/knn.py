@@ -23,11 +23,12 @@ from typing import Optional, Sequence
 
 import flax.struct
 import jax
-import jax.numpy as jnp
 from jax import lax
+import jax.numpy as jnp
 
 from instdisc_jax import sharding
-from instdisc_jax.sharding import AxisName, ShardLayout
+from instdisc_jax.sharding import AxisName
+from instdisc_jax.sharding import ShardLayout
 
 _MASKED = -jnp.inf
 

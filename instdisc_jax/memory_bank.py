@@ -28,7 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from instdisc_jax import sharding
-from instdisc_jax.sharding import AxisName, ShardLayout
+from instdisc_jax.sharding import AxisName
+from instdisc_jax.sharding import ShardLayout
 
 INITS = ("uniform", "unit")
 

@@ -27,9 +27,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from instdisc_jax import sharding
 from instdisc_jax import memory_bank
-from instdisc_jax.memory_bank import MemoryBank, StepRows
+from instdisc_jax import sharding
+from instdisc_jax.memory_bank import MemoryBank
+from instdisc_jax.memory_bank import StepRows
 from instdisc_jax.noise import NoiseSample
 from instdisc_jax.sharding import AxisName
 

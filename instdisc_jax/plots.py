@@ -15,9 +15,9 @@ import os
 import textwrap
 from typing import Optional, Sequence
 
-import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+import numpy as np
 
 SAME_CLASS = "#1a9641"        # frame of a neighbour of the query's class
 OTHER_CLASS = "#d7191c"       # frame of a neighbour of another class

@@ -14,9 +14,9 @@ import dataclasses
 from typing import Optional
 
 import jax
+from jax import lax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 
 AxisName = Optional[str]
 

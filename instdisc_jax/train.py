@@ -37,14 +37,17 @@ from instdisc_jax import objectives
 from instdisc_jax import optim
 from instdisc_jax import parallel
 from instdisc_jax import sharding
-from instdisc_jax.checkpointing import Checkpointer, check_compatible
-from instdisc_jax.errors import NonFiniteLossError, UserError
+from instdisc_jax.checkpointing import Checkpointer
+from instdisc_jax.checkpointing import check_compatible
+from instdisc_jax.errors import NonFiniteLossError
+from instdisc_jax.errors import UserError
 from instdisc_jax.memory_bank import MemoryBank
 from instdisc_jax.metric_writers import MetricWriter
 from instdisc_jax.parallel import AXIS
 from instdisc_jax.preemption import StopSignal
 from instdisc_jax.sharding import ShardLayout
-from instdisc_jax.workdir import WorkdirLock, create_workdir
+from instdisc_jax.workdir import WorkdirLock
+from instdisc_jax.workdir import create_workdir
 
 log = logging.getLogger(__name__)
 

@@ -8,9 +8,9 @@ from the compiled HLO, is the same at every n and every m.
 
 import json
 import os
+from pathlib import Path
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 

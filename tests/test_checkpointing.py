@@ -17,7 +17,8 @@ from instdisc_jax import checkpointing
 from instdisc_jax import parallel
 from instdisc_jax import train
 from instdisc_jax.checkpointing import Checkpointer
-from instdisc_jax.errors import NonFiniteLossError, WorkdirError
+from instdisc_jax.errors import NonFiniteLossError
+from instdisc_jax.errors import WorkdirError
 
 # Restoring a damaged checkpoint leaves tensorstore futures that complete after orbax's event
 # loop closed; Python reports them as unraisable exceptions. They are harmless here.

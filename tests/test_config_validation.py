@@ -11,13 +11,17 @@ come from `VALID`. A valid config's train step is traced with `jax.eval_shape` o
 import math
 import os
 
+from hypothesis import HealthCheck
+from hypothesis import assume
+from hypothesis import given
+from hypothesis import settings
+from hypothesis import strategies as st
 import jax
 import jax.numpy as jnp
 import ml_collections
 import pytest
-from hypothesis import HealthCheck, assume, given, settings, strategies as st
-
 import tiny_run
+
 from instdisc_jax import config_validation as cv
 from instdisc_jax import default_config
 from instdisc_jax import train

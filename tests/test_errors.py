@@ -10,15 +10,16 @@ process by test_workdir.py.)
 import os
 import subprocess
 
-import pytest
 from absl import flags
 from ml_collections import config_flags
-
+import pytest
 import tiny_run
+
 from instdisc_jax import data
 from instdisc_jax import flag_errors
 from instdisc_jax import train
-from instdisc_jax.errors import DataError, UserError
+from instdisc_jax.errors import DataError
+from instdisc_jax.errors import UserError
 
 # ml_collections loads config files with a deprecated importlib call.
 pytestmark = pytest.mark.filterwarnings("ignore:the load_module:DeprecationWarning")

@@ -9,21 +9,21 @@ import subprocess
 import sys
 
 import numpy as np
-import pytest
 from PIL import Image
+import pytest
+import tiny_run
 
 from instdisc_jax import evaluate
 from instdisc_jax import knn
 from instdisc_jax import train
-from instdisc_jax.errors import ConfigError, UserError
+from instdisc_jax.errors import ConfigError
+from instdisc_jax.errors import UserError
 from instdisc_jax.evaluation import config as eval_config
 from instdisc_jax.evaluation import knn_sweep
 from instdisc_jax.evaluation import linear_probe
 from instdisc_jax.evaluation import pictures
 from instdisc_jax.evaluation import semi_supervised
 from instdisc_jax.plots import GridLayout
-
-import tiny_run
 
 REPO = os.path.join(os.path.dirname(__file__), os.pardir)
 

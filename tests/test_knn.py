@@ -4,11 +4,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import reference_numpy as ref
 
 from instdisc_jax import knn
 from instdisc_jax.sharding import ShardLayout
-
-import reference_numpy as ref
 
 AXIS = "devices"
 TAU = 0.07

@@ -8,6 +8,7 @@ local_multiprocess.sh runs stand-in modules instead of the trainer.
 """
 import json
 import os
+from pathlib import Path
 import re
 import shlex
 import shutil
@@ -17,7 +18,6 @@ import stat
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 

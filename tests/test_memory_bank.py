@@ -4,13 +4,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import reference_numpy as ref
 
 from instdisc_jax import memory_bank
 from instdisc_jax import sharding
 from instdisc_jax.memory_bank import MemoryBank
 from instdisc_jax.sharding import ShardLayout
-
-import reference_numpy as ref
 
 AXIS = "devices"
 

@@ -26,13 +26,13 @@ unoptimised, and compiles ~10x faster) and share a persistent compilation cache.
 
 import json
 import os
+from pathlib import Path
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import jax
 import numpy as np

@@ -1,9 +1,11 @@
 """Noise sampling: uniform over the real rows, stratified exactly, padding never drawn."""
 
+from hypothesis import given
+from hypothesis import settings
+from hypothesis import strategies as st
 import jax
 import jax.numpy as jnp
 import numpy as np
-from hypothesis import given, settings, strategies as st
 
 from instdisc_jax import noise as noise_lib
 from instdisc_jax.sharding import ShardLayout

@@ -4,14 +4,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import reference_numpy as ref
+import sharded
 
 from instdisc_jax import objectives
 from instdisc_jax.memory_bank import MemoryBank
 from instdisc_jax.noise import from_global_indices
 from instdisc_jax.sharding import ShardLayout
-
-import reference_numpy as ref
-import sharded
 
 TAU = 0.1
 N = 61            # not divisible by 8: shard 7 holds 5 real rows and 3 padding rows
@@ -176,7 +175,8 @@ def test_sharded_softmax_with_empty_shards():
 
 def test_shard_map_runs_the_same_body(data):
   """The objective body uses named-axis collectives only, so it runs under shard_map too."""
-  from jax.sharding import AxisType, PartitionSpec as P
+  from jax.sharding import AxisType
+  from jax.sharding import PartitionSpec as P
   layout = ShardLayout(N, 8)
   mesh = jax.make_mesh((8,), (sharded.AXIS,), axis_types=(AxisType.Auto,))
   noise = sharded.shard_noise(data["noise"], layout)

@@ -3,8 +3,8 @@
 import json
 
 import numpy as np
-import pytest
 from PIL import Image
+import pytest
 
 from instdisc_jax import metric_writers
 from instdisc_jax import plots

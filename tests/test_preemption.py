@@ -11,7 +11,8 @@ import pytest
 
 from instdisc_jax import cli
 from instdisc_jax import train
-from instdisc_jax.preemption import EXIT_PREEMPTED, StopSignal
+from instdisc_jax.preemption import EXIT_PREEMPTED
+from instdisc_jax.preemption import StopSignal
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])

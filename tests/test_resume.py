@@ -27,8 +27,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-
 import tiny_run
+
 from instdisc_jax import checkpointing
 
 pytestmark = pytest.mark.slow

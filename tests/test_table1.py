@@ -11,8 +11,8 @@ import json
 import os
 
 import numpy as np
-import pytest
 from PIL import Image
+import pytest
 
 from instdisc_jax import default_config
 from instdisc_jax import train

@@ -7,13 +7,13 @@ import os
 import jax
 import numpy as np
 import pytest
+import tiny_run
 
 from instdisc_jax import augment
 from instdisc_jax import parallel
 from instdisc_jax import train
 from instdisc_jax.parallel import AXIS
 
-import tiny_run
 
 @pytest.fixture(scope="module")
 def tiny_npz(tmp_path_factory):

@@ -16,13 +16,15 @@ import sys
 import jax
 import numpy as np
 import pytest
-
 import tiny_run
+
 from instdisc_jax import checkpointing
 from instdisc_jax import parallel
 from instdisc_jax import train
 from instdisc_jax import workdir as workdir_lib
-from instdisc_jax.errors import ConfigError, DataError, WorkdirError
+from instdisc_jax.errors import ConfigError
+from instdisc_jax.errors import DataError
+from instdisc_jax.errors import WorkdirError
 from instdisc_jax.workdir import WorkdirLock
 
 

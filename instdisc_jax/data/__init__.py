@@ -6,15 +6,15 @@ resumed run reads the same data. `python -m instdisc_jax.data.prepare` prepares 
 """
 
 from instdisc_jax.data.pipeline import BatchPlan
+from instdisc_jax.data.pipeline import TrainIterator
 from instdisc_jax.data.pipeline import epoch_permutation
 from instdisc_jax.data.pipeline import eval_batches
 from instdisc_jax.data.pipeline import num_eval_batches
-from instdisc_jax.data.pipeline import TrainIterator
 from instdisc_jax.data.sources import DEFAULT_DATASET
 from instdisc_jax.data.sources import DatasetSpec
 from instdisc_jax.data.sources import load_dataset
 from instdisc_jax.data.sources import load_splits
 from instdisc_jax.data.sources import load_train_and_eval
-from instdisc_jax.data.split import check_fingerprint
 from instdisc_jax.data.split import DatasetSplit
+from instdisc_jax.data.split import check_fingerprint
 from instdisc_jax.data.split import pixel_stats

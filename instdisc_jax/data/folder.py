@@ -20,9 +20,9 @@ from collections.abc import Sequence
 import concurrent.futures
 import functools
 import hashlib
+import logging
 import os
 
-import logging
 import numpy as np
 from PIL import Image
 

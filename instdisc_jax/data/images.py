@@ -16,7 +16,8 @@ import struct
 from typing import BinaryIO
 
 import numpy as np
-from PIL import ExifTags, Image
+from PIL import ExifTags
+from PIL import Image
 
 # Where Pillow can open it: a path or a binary file object.
 ImageFile = str | BinaryIO

@@ -17,7 +17,9 @@ import tensorflow_datasets as tfds
 
 from instdisc_jax.data import fashion_mnist
 from instdisc_jax.data import sources
-from instdisc_jax.errors import EXIT_USER_ERROR, DataError, UserError
+from instdisc_jax.errors import EXIT_USER_ERROR
+from instdisc_jax.errors import DataError
+from instdisc_jax.errors import UserError
 
 _NEEDS_PREPARE_EXTRA = "pip install 'instdisc_jax[prepare]'"
 

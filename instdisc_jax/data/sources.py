@@ -15,8 +15,8 @@ import dataclasses
 import functools
 import hashlib
 import io
-
 import logging
+
 import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds

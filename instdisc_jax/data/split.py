@@ -11,11 +11,11 @@ import concurrent.futures
 import dataclasses
 import functools
 import json
+import logging
 import os
 import threading
 from typing import NamedTuple, Protocol
 
-import logging
 from etils import epath
 import numpy as np
 

@@ -28,9 +28,9 @@ import sys
 import time
 from typing import Optional, Sequence
 
-import ml_collections
 from absl import app
 from absl import flags
+import ml_collections
 from ml_collections import config_flags
 
 from instdisc_jax import cli
@@ -106,6 +106,7 @@ def run_row(row: Row, config: ml_collections.ConfigDict, workdir: str, stop) -> 
   that finished the row (training from where it resumed, plus evaluation) and that step.
   """
   import jax  # pylint: disable=g-import-not-at-top
+
   from instdisc_jax import train  # pylint: disable=g-import-not-at-top
   record_path = os.path.join(workdir, ROW_RECORD)
   if os.path.exists(os.path.join(workdir, "results.json")) and os.path.exists(record_path):
@@ -204,6 +205,7 @@ def run_table(config: ml_collections.ConfigDict, workdir: str, rows: Sequence[Ro
               command: str, stop=None) -> str:
   """Runs (or resumes) every row that fits n, then writes the outputs; returns the markdown."""
   import jax  # pylint: disable=g-import-not-at-top
+
   from instdisc_jax import config_validation  # pylint: disable=g-import-not-at-top
   from instdisc_jax import data  # pylint: disable=g-import-not-at-top
   config_validation.validate(config, num_devices=jax.device_count(),
