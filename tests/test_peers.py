@@ -65,6 +65,13 @@ def watchdog(client, index, count=2):
   return dog, exits
 
 
+def installed(monkeypatch, dog):
+  """Starts `dog` and makes it the process's watchdog, as `peers.start` would."""
+  dog.start()
+  monkeypatch.setattr(peers, "_watchdog", dog)
+  return dog
+
+
 def beat_forever(client, process, stop):
   """A live peer: a heartbeat that keeps changing until `stop` is set."""
   def run():
@@ -200,9 +207,7 @@ def os_exits(monkeypatch):
 
 def test_reporting_exit_ends_a_failing_process_at_once(monkeypatch, os_exits):
   client = FakeClient()
-  dog, _ = watchdog(client, 1)
-  dog.start()
-  monkeypatch.setattr(peers, "_watchdog", dog)
+  installed(monkeypatch, watchdog(client, 1)[0])
   with pytest.raises(Exited):
     with peers.reporting_exit():
       sys.exit(2)
@@ -211,9 +216,7 @@ def test_reporting_exit_ends_a_failing_process_at_once(monkeypatch, os_exits):
 
 
 def test_reporting_exit_prints_an_exit_message(monkeypatch, os_exits, capsys):
-  dog, _ = watchdog(FakeClient(), 1)
-  dog.start()
-  monkeypatch.setattr(peers, "_watchdog", dog)
+  installed(monkeypatch, watchdog(FakeClient(), 1)[0])
   with pytest.raises(Exited):
     with peers.reporting_exit():
       sys.exit("cannot go on")
@@ -226,8 +229,7 @@ def test_reporting_exit_reports_an_uncaught_exception(monkeypatch, os_exits, cap
   stop = threading.Event()
   beat_forever(client, 0, stop)
   dog, exits = watchdog(client, 1)
-  dog.start()
-  monkeypatch.setattr(peers, "_watchdog", dog)
+  installed(monkeypatch, dog)
   try:
     with pytest.raises(Exited):
       with peers.reporting_exit():
@@ -245,9 +247,8 @@ def test_an_uncaught_exception_names_a_silent_peer(monkeypatch, os_exits, capsys
   # An error from a collective whose peer was killed: the peer's heartbeat has stopped.
   client = FakeClient()
   client.key_value_set("instdisc_peers/0/beat", "7")
-  dog = peers.Watchdog(client, 1, 2, interval=INTERVAL, timeout=60, exit_process=os._exit)
-  dog.start()
-  monkeypatch.setattr(peers, "_watchdog", dog)
+  installed(monkeypatch, peers.Watchdog(client, 1, 2, interval=INTERVAL, timeout=60,
+                                        exit_process=os._exit))
   with pytest.raises(Exited):
     with peers.reporting_exit():
       raise RuntimeError("Gloo all-reduce failed: Connection closed by peer")
@@ -259,9 +260,7 @@ def test_an_uncaught_exception_names_a_silent_peer(monkeypatch, os_exits, capsys
 
 def test_reporting_exit_lets_success_exit_normally(monkeypatch):
   client = FakeClient()
-  dog, _ = watchdog(client, 1)
-  dog.start()
-  monkeypatch.setattr(peers, "_watchdog", dog)
+  installed(monkeypatch, watchdog(client, 1)[0])
   with pytest.raises(SystemExit):
     with peers.reporting_exit():
       sys.exit(0)
