@@ -127,14 +127,6 @@ def inspect_leaves(tree) -> tuple[dict[str, int], list[str]]:
 # -- agreement between processes -----------------------------------------------------------------
 
 
-def _any_process(flag: bool) -> bool:
-  """Whether `flag` is true on any process (every process must call this)."""
-  if jax.process_count() == 1:
-    return flag
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-  return bool(np.any(multihost_utils.process_allgather(np.int32(flag))))
-
-
 def _sync(name: str) -> None:
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
@@ -263,7 +255,7 @@ class Checkpointer:
             integrity=ocp.args.JsonRestore()))
       except Exception as e:  # pylint: disable=broad-except
         problem = _reason(e)
-    if _any_process(problem is not None):
+    if parallel.any_process(problem is not None):
       return None, problem or "another process could not read its part"
     checksums, _ = inspect_leaves(restored["state"])
     expected = restored["integrity"]["checksums"]
@@ -308,7 +300,7 @@ def check_compatible(workdir: str, meta: dict,
   """
   # Every process must take the same branch (the read-only manager has barriers), and decide
   # before any of them goes on to create the directory.
-  if not _any_process((epath.Path(workdir) / CHECKPOINTS_DIR).exists()):
+  if not parallel.any_process((epath.Path(workdir) / CHECKPOINTS_DIR).exists()):
     return
   checkpointer = Checkpointer(workdir, keep=None, sharded_keys=(), read_only=True)
   try:

@@ -18,6 +18,7 @@ from instdisc_jax import peers
 from instdisc_jax.errors import EXIT_USER_ERROR
 from instdisc_jax.errors import NonFiniteLossError
 from instdisc_jax.errors import UserError
+from instdisc_jax.errors import one_line
 from instdisc_jax.preemption import EXIT_PREEMPTED
 from instdisc_jax.preemption import StopSignal
 
@@ -39,12 +40,8 @@ def define_runtime_flags() -> None:
                        "(default: $JAX_PROCESS_ID).")
 
 
-def _one_line(message: str) -> str:
-  return " ".join(str(message).split())
-
-
 def _exit(message: str, status: int) -> None:
-  print(f"error: {_one_line(message)}", file=sys.stderr, flush=True)
+  print(f"error: {one_line(message)}", file=sys.stderr, flush=True)
   sys.exit(status)
 
 
@@ -88,7 +85,7 @@ def user_errors_exit():
       raise
     _exit(str(e), EXIT_USER_ERROR)
   except train.Preempted as e:
-    print(_one_line(str(e)), file=sys.stderr, flush=True)
+    print(one_line(str(e)), file=sys.stderr, flush=True)
     sys.exit(EXIT_PREEMPTED)
 
 

@@ -36,3 +36,8 @@ class NonFiniteLossError(UserError):
   """Training diverged: the loss, or the train state about to be checkpointed, is NaN or
   infinite. The message names the step; the last good checkpoint is kept. `instdisc_jax.main`
   exits with status 1 for it (the run failed), not 2."""
+
+
+def one_line(message) -> str:
+  """`message` (any object) with every run of white space, newlines included, as one space."""
+  return " ".join(str(message).split())

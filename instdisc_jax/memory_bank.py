@@ -116,15 +116,6 @@ def init_bank(key: jax.Array, num_instances: int, dim: int, *, num_shards: int =
   return MemoryBank(rows=rows, num_instances=num_instances, num_shards=num_shards)
 
 
-def local_lookup(bank: MemoryBank, indices: jax.Array, axis_name: AxisName):
-  """Rows of the global-batch instances that live on this shard (no communication).
-
-  Returns `(rows, owned)`: float32 (B, d) rows, zero where `owned` is False.
-  """
-  rows = gather_step_rows(bank, indices, axis_name)
-  return rows.positives, rows.owned
-
-
 @flax.struct.dataclass
 class StepRows:
   """The pre-step bank rows one training step reads, fetched by a single gather.
@@ -167,8 +158,8 @@ def lookup(bank: MemoryBank, indices: jax.Array, axis_name: AxisName) -> jax.Arr
   Costs one psum of B x d floats; the objectives do not need it (each device scores the
   positives it owns), it is here for user code that wants the positives' rows.
   """
-  rows, _ = local_lookup(bank, indices, axis_name)
-  return sharding.psum(jax.lax.stop_gradient(rows), axis_name)
+  # This shard's rows of the batch (zero where not owned), summed over the shards.
+  return sharding.psum(gather_step_rows(bank, indices, axis_name).positives, axis_name)
 
 
 def update(bank: MemoryBank, indices: jax.Array, features: jax.Array, *, momentum: float,

@@ -129,3 +129,11 @@ def from_single_copy(x: jax.Array) -> jax.Array:
   return jax.make_array_from_single_device_arrays(
       (jax.device_count(),) + x.shape, device_sharding(),
       [s.data[None] for s in x.addressable_shards])
+
+
+def any_process(flag: bool) -> bool:
+  """Whether `flag` is true on any process; every process must call this at the same point."""
+  if jax.process_count() == 1:
+    return flag
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return bool(np.any(multihost_utils.process_allgather(np.int32(flag))))

@@ -31,6 +31,7 @@ import time
 import traceback
 from typing import Optional
 
+from instdisc_jax.errors import one_line
 from instdisc_jax.preemption import EXIT_PREEMPTED
 
 EXIT_PEER_LOST = 1
@@ -50,10 +51,6 @@ _PREFIX = "instdisc_peers/"
 _OK = "ok"
 
 _watchdog: Optional["Watchdog"] = None
-
-
-def _one_line(text: str) -> str:
-  return " ".join(str(text).split())
 
 
 def _silent(peer: int, count: int, seconds: float) -> str:
@@ -109,7 +106,7 @@ class Watchdog:
         if self._stop.is_set():
           return
         self._lost(f"lost contact with the coordination service in process 0 "
-                   f"({type(e).__name__}: {_one_line(e)[:200]})")
+                   f"({type(e).__name__}: {one_line(e)[:200]})")
         return
       beats += 1
       now = time.monotonic()
@@ -180,7 +177,7 @@ class Watchdog:
 
   def _publish_end(self, value: str) -> bool:
     try:
-      self._client.key_value_set(self._key(self._index, "end"), _one_line(value)[:500],
+      self._client.key_value_set(self._key(self._index, "end"), one_line(value)[:500],
                                  allow_overwrite=True)
       return True
     except Exception:  # pylint: disable=broad-except  # the service may be gone already
@@ -238,7 +235,7 @@ def reporting_exit():
     if _watchdog is not None:
       traceback.print_exc()
       _watchdog.stop_for_silent_peer(SILENCE_SECONDS)
-      print(f"error: {type(e).__name__}: {_one_line(e)[:300]}", file=sys.stderr, flush=True)
+      print(f"error: {type(e).__name__}: {one_line(e)[:300]}", file=sys.stderr, flush=True)
       _end(1)
     raise
   else:

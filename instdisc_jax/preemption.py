@@ -12,7 +12,8 @@ import signal
 from typing import Optional
 
 import jax
-import numpy as np
+
+from instdisc_jax import parallel
 
 # Distinct from success (0), failure (1) and user errors (2); EX_TEMPFAIL: "try again later".
 EXIT_PREEMPTED = 75
@@ -49,8 +50,6 @@ class StopSignal:
       return self.received
     if not at_sync_point:
       return None
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    flags = multihost_utils.process_allgather(np.int32(self.received is not None))
-    if not np.any(flags):
+    if not parallel.any_process(self.received is not None):
       return None
     return self.received or "SIGTERM (received by another process)"
