@@ -1,6 +1,6 @@
 """Train-step throughput, compile time and the share of the step spent in NCE + bank.
 
-For each case the step is built as the trainer builds it: `models.get_model`, `optim`,
+For each case the step is built as the trainer builds it: `train.build_model`, `optim`,
 `train.StepConfig`, `train.init_state` and `train.train_step`, under `jax.pmap` over the local
 devices with the state donated. Batches are synthetic uint8 images and distinct random instance
 indices (no dataset is read); they are placed on the devices before the clock starts.
@@ -31,7 +31,6 @@ from benchmarks import hlo
 from instdisc_jax import augment
 from instdisc_jax import data
 from instdisc_jax import default_config
-from instdisc_jax import models
 from instdisc_jax import optim
 from instdisc_jax import parallel
 from instdisc_jax import train
@@ -138,10 +137,7 @@ def build(case: Case) -> Built:
   dataset_size, image_shape, num_classes = DATASETS[config.dataset]
   n = case.num_instances or dataset_size
   layout = ShardLayout(n, jax.device_count())
-  model = models.get_model(
-      config.model, low_dim=config.low_dim, dtype=jnp.dtype(config.compute_dtype),
-      bn_axis_name=AXIS if config.cross_device_bn else None,
-      **({"width": config.model_width} if config.model_width else {}))
+  model = train.build_model(config)
   steps_per_epoch = n // config.batch_size
   learning_rate_fn = optim.learning_rate_schedule(config, steps_per_epoch,
                                                   config.num_epochs * steps_per_epoch)

@@ -160,6 +160,15 @@ def step_keys(state: TrainState):
   return jax.random.fold_in(augment_key, sharding.shard_index(AXIS)), noise_key
 
 
+def build_model(config: ml_collections.ConfigDict) -> models.ResNet:
+  """The encoder `config` describes, as the trainer (and the benchmarks) build it."""
+  return models.get_model(
+      config.model, low_dim=config.low_dim, dtype=jnp.dtype(config.compute_dtype),
+      bn_axis_name=AXIS if config.cross_device_bn else None,
+      head_batchnorm=config.head_batchnorm,
+      **({"width": config.model_width} if config.model_width else {}))
+
+
 def compute_objective(hp: StepConfig, params, features, indices, bank: MemoryBank,
                       noise: Optional[noise_lib.NoiseSample], partition: objectives.Partition,
                       rows: memory_bank.StepRows):
@@ -371,11 +380,7 @@ class Trainer:
     channels = self.train_split.channels
     self.image_shape = (config.image_size, config.image_size, channels)
 
-    self.model = models.get_model(
-        config.model, low_dim=config.low_dim, dtype=jnp.dtype(config.compute_dtype),
-        bn_axis_name=AXIS if config.cross_device_bn else None,
-        head_batchnorm=config.head_batchnorm,
-        **({"width": config.model_width} if config.model_width else {}))
+    self.model = build_model(config)
     self.learning_rate_fn = optim.learning_rate_schedule(config, self.steps_per_epoch,
                                                          self.total_steps)
     self.tx = optim.sgd(config, self.learning_rate_fn)
@@ -412,6 +417,11 @@ class Trainer:
     check_compatible(self.workdir, self.meta, incompatible_fields)
     data.check_fingerprint(self.workdir, self.train_split, write=False)
 
+  def fresh_state(self) -> TrainState:
+    """The initial train state of `config.seed` (also the target a checkpoint restores into)."""
+    key = jax.random.key_data(jax.random.key(self.config.seed))
+    return self.p_init(parallel.replicate(key))
+
   def initialize(self) -> int:
     """Restores the newest checkpoint, or builds a fresh state. Returns the step reached.
 
@@ -420,8 +430,7 @@ class Trainer:
     data.check_fingerprint(self.workdir, self.train_split, write=jax.process_index() == 0)
     self.checkpointer = Checkpointer(self.workdir, keep=self.config.keep_checkpoints,
                                      sharded_keys=INSTANCE_SHARDED_KEYS)
-    key = jax.random.key_data(jax.random.key(self.config.seed))
-    self.state = self.p_init(parallel.replicate(key))
+    self.state = self.fresh_state()
     restored = self.checkpointer.restore(self.state, self.meta, compatible=incompatible_fields)
     data_state = None
     if restored is not None:
@@ -446,8 +455,7 @@ class Trainer:
       if checkpointer.latest_step() is None:
         raise UserError(f"{self.workdir} has no checkpoint to evaluate; train it first with "
                         "python -m instdisc_jax.main")
-      key = jax.random.key_data(jax.random.key(self.config.seed))
-      restored = checkpointer.restore(self.p_init(parallel.replicate(key)), self.meta,
+      restored = checkpointer.restore(self.fresh_state(), self.meta,
                                       compatible=incompatible_fields)
     finally:
       checkpointer.close()
