@@ -95,7 +95,8 @@ def _as_uint32(x: jax.Array) -> jax.Array:
 
 @jax.jit
 def _checksums_and_finiteness(leaves):
-  """Per leaf: sum_i bits_i * (2i + 1) mod 2^32, and whether every element is finite.
+  """Per leaf (stacked in leaf order): sum_i bits_i * (2i + 1) mod 2^32, and whether every
+  element is finite.
 
   An odd weight is invertible mod 2^32, so any single changed element changes the sum; the
   position weights also make reordered elements change it. Integer sums do not depend on the
@@ -107,11 +108,11 @@ def _checksums_and_finiteness(leaves):
     sums.append(jnp.sum(_as_uint32(x) * weights, dtype=jnp.uint32))
     finite.append(jnp.all(jnp.isfinite(x)) if jnp.issubdtype(x.dtype, jnp.inexact)
                   else jnp.bool_(True))
-  return sums, finite
+  return jnp.stack(sums), jnp.stack(finite)    # Two arrays: two transfers to the host.
 
 
 def _host(x: jax.Array) -> np.ndarray:
-  """A replicated (possibly multi-process) scalar on the host."""
+  """A replicated (possibly multi-process) array on the host."""
   return np.asarray(x.addressable_data(0))
 
 
@@ -120,8 +121,9 @@ def inspect_leaves(tree) -> tuple[dict[str, int], list[str]]:
   flat = jax.tree_util.tree_flatten_with_path(tree)[0]
   names = [leaf_name(path) for path, _ in flat]
   sums, finite = _checksums_and_finiteness([leaf for _, leaf in flat])
-  checksums = {name: int(_host(s)) for name, s in zip(names, sums)}
-  return checksums, [name for name, ok in zip(names, finite) if not bool(_host(ok))]
+  sums, finite = _host(sums), _host(finite)
+  checksums = {name: int(s) for name, s in zip(names, sums)}
+  return checksums, [name for name, ok in zip(names, finite) if not ok]
 
 
 # -- agreement between processes -----------------------------------------------------------------
