@@ -121,8 +121,7 @@ def nce_bank_step(rows, partition, local_features, local_indices, key_data, *, s
     return share, (aux, features)
 
   (share, (aux, features)), grad = jax.value_and_grad(loss_fn, has_aux=True)(local_features)
-  bank = memory_bank.update(bank, indices, features, momentum=BANK_MOMENTUM, axis_name=AXIS,
-                            old_rows=rows.positives)
+  bank = memory_bank.update(bank, rows, features, momentum=BANK_MOMENTUM)
   return (bank.rows, aux["partition"], aux["metrics"], objectives.global_loss(share, AXIS),
           grad)
 

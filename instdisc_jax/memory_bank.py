@@ -58,9 +58,14 @@ class MemoryBank:
     return self.rows.shape[-1]
 
 
-def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
-  """x / ||x||_2 along the last axis, safe at zero."""
-  return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), eps * eps))
+def l2_normalize(x: jax.Array, axis: int = -1, eps: float = 1e-12) -> jax.Array:
+  """`x / max(||x||, eps)` along `axis`, as `torch.nn.functional.normalize`; safe at zero.
+
+  The one normalisation of the project: the encoders' embeddings (`models.py`) and the bank's
+  rows use it, so a bank row written from a feature is exactly that feature.
+  """
+  sum_sq = jnp.sum(jnp.square(x), axis=axis, keepdims=True)
+  return x * jax.lax.rsqrt(jnp.maximum(sum_sq, eps * eps))
 
 
 def init_shard_rows(key: jax.Array, layout: ShardLayout, dim: int, shard, *,
@@ -120,77 +125,90 @@ def init_bank(key: jax.Array, num_instances: int, dim: int, *, num_shards: int =
 class StepRows:
   """The pre-step bank rows one training step reads, fetched by a single gather.
 
-  A step should read the bank once: when a donated bank is read by two different ops and then
+  A step should read the donated bank once: when it is read by two different ops and then
   updated in place, XLA's copy insertion (on CPU at least, without region analysis) cannot order
-  the reads before the update and copies the whole bank, twice, every step. Gathering the
-  positives and the noise together, and handing the positives to `update`, avoids that.
+  the reads before the update and copies the whole bank every step, an O(n) cost. So the step
+  gathers everything it needs here, the objectives score these rows (and return them in
+  `aux["rows"]`), and `update` writes the new rows from them without reading the bank again.
 
   Attributes:
     positives: float32 (B, d) rows of the batch's instances; zero where `owned` is False.
     owned: bool (B,): the instance lives on this shard.
+    local_rows: int32 (B,): its row on this shard (clipped into range where not owned).
     noise: float32 rows of this shard's noise draws, (B, slots, d) or (slots, d); None if the
       step draws no noise.
   """
 
   positives: jax.Array
   owned: jax.Array
+  local_rows: jax.Array
   noise: Optional[jax.Array] = None
 
 
 def gather_step_rows(bank: MemoryBank, indices: jax.Array, axis_name: AxisName,
                      noise_rows: Optional[jax.Array] = None) -> StepRows:
-  """Gathers the batch positives' rows (and the noise rows, local indices) in one gather."""
-  local_row, owned = sharding.owned_rows(bank.layout, indices, axis_name)
-  wanted = local_row if noise_rows is None else jnp.concatenate(
-      [local_row, noise_rows.reshape(-1)])
+  """The batch positives' rows (and the noise rows, local indices) in one gather.
+
+  Args:
+    bank: the bank shard.
+    indices: int (B,) global instance indices of the global batch.
+    axis_name: mapped axis the bank is sharded over, or None.
+    noise_rows: optional int local row indices of this shard's noise draws (`NoiseSample.rows`).
+
+  The rows carry no gradient. The positives of the global batch, replicated on every device,
+  are `sharding.psum(rows.positives, axis_name)` (each instance is owned by one shard).
+  """
+  local_rows, owned = sharding.owned_rows(bank.layout, indices, axis_name)
+  wanted = local_rows if noise_rows is None else jnp.concatenate(
+      [local_rows, noise_rows.reshape(-1)])
   gathered = jax.lax.stop_gradient(bank.rows[wanted].astype(jnp.float32))
   batch = indices.shape[0]
   positives = jnp.where(owned[:, None], gathered[:batch], 0.0)
   noise = None
   if noise_rows is not None:
     noise = gathered[batch:].reshape(noise_rows.shape + (bank.dim,))
-  return StepRows(positives=positives, owned=owned, noise=noise)
+  return StepRows(positives=positives, owned=owned, local_rows=local_rows, noise=noise)
 
 
-def lookup(bank: MemoryBank, indices: jax.Array, axis_name: AxisName) -> jax.Array:
-  """Pre-step rows v_i of the global batch, replicated on every device: float32 (B, d).
-
-  Costs one psum of B x d floats; the objectives do not need it (each device scores the
-  positives it owns), it is here for user code that wants the positives' rows.
-  """
-  # This shard's rows of the batch (zero where not owned), summed over the shards.
-  return sharding.psum(gather_step_rows(bank, indices, axis_name).positives, axis_name)
-
-
-def update(bank: MemoryBank, indices: jax.Array, features: jax.Array, *, momentum: float,
-           axis_name: AxisName, valid: Optional[jax.Array] = None,
-           old_rows: Optional[jax.Array] = None) -> MemoryBank:
-  """Momentum update of the rows of the global batch owned by this shard (paper Sec. 3.2).
+def update(bank: MemoryBank, rows: StepRows, features: jax.Array, *, momentum: float,
+           valid: Optional[jax.Array] = None) -> MemoryBank:
+  """Momentum update of the batch's rows owned by this shard (paper Sec. 3.2).
 
   v_i <- normalise(momentum * v_i + (1 - momentum) * f_i), v_i being the pre-step value.
 
+  The pre-step rows come from `rows`, the step's one read of the bank (the `aux["rows"]` an
+  objective returns, or `gather_step_rows`), so the update reads nothing from the bank and the
+  donated bank is updated in place: a step written this way has no bank-sized temporaries.
+
   Args:
     bank: the bank (per-shard view).
-    indices: int (B,) global instance indices of the global batch.
+    rows: the step's `StepRows` for the same global batch (positives, owners, local rows).
     features: (B, d) features of the global batch (gradients are stopped).
     momentum: weight of the OLD value, in [0, 1).
-    axis_name: mapped axis the bank is sharded over, or None.
     valid: optional bool (B,); False rows are not written.
-    old_rows: the pre-step rows of the batch if the step already gathered them
-      (`StepRows.positives`); passing them keeps the step at one read of the bank.
 
   An instance should appear at most once per batch (the epoch sampler guarantees it); if it
   appears twice, one of its updates is kept.
   """
-  layout = bank.layout
-  local_row, owned = sharding.owned_rows(layout, indices, axis_name)
-  if valid is not None:
-    owned = owned & valid
-  old = bank.rows[local_row].astype(jnp.float32) if old_rows is None else old_rows
-  new = l2_normalize(momentum * old
+  new = l2_normalize(momentum * rows.positives
                      + (1.0 - momentum) * jax.lax.stop_gradient(features).astype(jnp.float32))
-  # Rows this shard does not own get an out-of-range target and are dropped by the scatter.
-  target = jnp.where(owned, local_row, layout.rows_per_shard)
+  return _write_rows(bank, rows.local_rows, rows.owned if valid is None else rows.owned & valid,
+                     new)
+
+
+def write(bank: MemoryBank, indices: jax.Array, features: jax.Array, *, axis_name: AxisName,
+          valid: Optional[jax.Array] = None) -> MemoryBank:
+  """Overwrites rows with normalised features (the update with momentum 0, which reads no old
+  row), e.g. to fill the bank from a model."""
+  local_rows, owned = sharding.owned_rows(bank.layout, indices, axis_name)
+  new = l2_normalize(jax.lax.stop_gradient(features).astype(jnp.float32))
+  return _write_rows(bank, local_rows, owned if valid is None else owned & valid, new)
+
+
+def _write_rows(bank: MemoryBank, local_rows: jax.Array, write_mask: jax.Array,
+                new: jax.Array) -> MemoryBank:
+  # Rows not written get an out-of-range target and are dropped by the scatter.
+  target = jnp.where(write_mask, local_rows, bank.layout.rows_per_shard)
   return bank.replace(rows=_scatter_rows(bank.rows, target, new.astype(bank.rows.dtype)))
 
 
@@ -224,9 +242,3 @@ def _scatter_rows(rows: jax.Array, target: jax.Array, values: jax.Array) -> jax.
     return jax.lax.fori_loop(0, jnp.sum(keep), write_row, rows)
 
   return jax.lax.platform_dependent(rows, target, values, cpu=row_by_row, default=scatter)
-
-
-def write(bank: MemoryBank, indices: jax.Array, features: jax.Array, *, axis_name: AxisName,
-          valid: Optional[jax.Array] = None) -> MemoryBank:
-  """Overwrites rows with normalised features (momentum 0), e.g. to fill the bank from a model."""
-  return update(bank, indices, features, momentum=0.0, axis_name=axis_name, valid=valid)

@@ -24,6 +24,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from instdisc_jax import memory_bank
 from instdisc_jax.errors import ConfigError
 
 ModuleDef = Any
@@ -33,12 +34,6 @@ conv_kernel_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 # torch.nn.Linear's default weight init, U(-1/sqrt(fan_in), 1/sqrt(fan_in)); the bias starts at
 # zero (torch draws it like the weight).
 dense_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
-
-
-def l2_normalize(x: jax.Array, axis: int = -1, eps: float = 1e-12) -> jax.Array:
-  """`x / max(||x||, eps)` along `axis`, as `torch.nn.functional.normalize`."""
-  sum_sq = jnp.sum(jnp.square(x), axis=axis, keepdims=True)
-  return x * jax.lax.rsqrt(jnp.maximum(sum_sq, eps * eps))
 
 
 class BasicBlock(nn.Module):
@@ -168,7 +163,7 @@ class ResNet(nn.Module):
     if self.head_batchnorm:
       embedding = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
                                axis_name=self.bn_axis_name, name="head_bn")(embedding)
-    embedding = l2_normalize(embedding)
+    embedding = memory_bank.l2_normalize(embedding)
     return (embedding, pooled) if return_pooled else embedding
 
 

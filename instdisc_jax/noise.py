@@ -111,11 +111,23 @@ def sample(key: jax.Array, layout: ShardLayout, num_noise: int, batch_size: int,
 
 def from_global_indices(global_indices: np.ndarray, layout: ShardLayout, shard: int,
                         slots: int) -> NoiseSample:
-  """Host helper: this shard's NoiseSample holding exactly the given global noise indices.
+  """Host helper: shard `shard`'s `NoiseSample` holding exactly the given global noise indices.
 
-  `global_indices` is (B, m) per-example or (m,) shared. The noise indices a shard may hold are
-  its own real rows; `slots` must be at least the largest per-example count on any shard. Used
-  to feed identical noise to a single-device and a sharded computation.
+  `sample` draws the noise inside the step; this injects noise chosen elsewhere instead, so a
+  sharded computation can be checked against another implementation (the reference's, a NumPy
+  formula, a single-device run) on identical noise. Build one sample per shard and stack them
+  along a leading device axis for `pmap`.
+
+  Args:
+    global_indices: int (B, m) per-example or (m,) shared global noise indices in [0, n).
+    layout: the bank's layout.
+    shard: the shard to build.
+    slots: noise slots per shard; at least the largest number of indices any example has on
+      this shard (a ValueError names the excess otherwise).
+
+  Returns:
+    The shard's `NoiseSample`: its indices (local rows) first in each example, `valid` marking
+    them, and `num_noise` = m.
   """
   global_indices = np.asarray(global_indices)
   flat = global_indices.reshape(-1, global_indices.shape[-1])

@@ -15,7 +15,10 @@ indices all-gathered over `axis_name`), scores it against this device's shard of
 returns `(share, aux)`. `share` is this device's share of the global loss: the loss is
 `lax.psum(share, axis_name)`; differentiate the share and psum the encoder gradients. The metrics
 in `aux` are already reduced over devices (identical on all of them) and carry no gradient.
-The bank, the noise and Z carry no gradient. All arithmetic is float32.
+The objectives that read the bank return the rows they read in `aux["rows"]`
+(`memory_bank.StepRows`, one gather): hand them to `memory_bank.update`, so the step reads the
+bank once and updates it in place. The bank, the noise and Z carry no gradient. All arithmetic
+is float32.
 """
 
 from __future__ import annotations
@@ -206,10 +209,12 @@ def nce_loss(features: jax.Array, indices: jax.Array, bank: MemoryBank, noise: N
     temperature: tau.
     axis_name: mapped axis the bank is sharded over, or None.
     eps: the reference criterion's epsilon.
-    rows: the step's rows from `step_rows` if already gathered (else gathered here).
+    rows: the step's rows from `step_rows` if already gathered (else gathered here; either
+      way they are returned in `aux["rows"]`).
 
   Returns:
-    `(share, aux)`: aux holds `partition` (the Z used, to store in the state) and `metrics`.
+    `(share, aux)`: aux holds `partition` (the Z used, to store in the state), `metrics` and
+    `rows` (the `StepRows` read, for `memory_bank.update`).
   """
   n, m = bank.num_instances, noise.num_noise
   features = features.astype(jnp.float32)
@@ -248,7 +253,7 @@ def nce_loss(features: jax.Array, indices: jax.Array, bank: MemoryBank, noise: N
       "positive_score": _owned_mean(pos, owned, axis_name),
       "noise_score": _masked_mean(neg, valid, axis_name),
   }
-  return share, {"partition": new_partition, "metrics": metrics}
+  return share, {"partition": new_partition, "metrics": metrics, "rows": rows}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -293,6 +298,7 @@ def softmax_loss(features: jax.Array, indices: jax.Array, bank: MemoryBank, *,
   """Full non-parametric softmax over all n real rows of the bank (Eqs. 2, 3).
 
   The reference's `LinearAverage` + cross-entropy. Costs B x n / D scores per device per step.
+  `aux["rows"]` holds the positives' rows (from `rows` or gathered here), for the update.
   """
   features = features.astype(jnp.float32)
   logits = bank_scores(features, sg(bank.rows)) / temperature
@@ -301,7 +307,8 @@ def softmax_loss(features: jax.Array, indices: jax.Array, bank: MemoryBank, *,
   pos, owned = positive_scores(features, rows)
   share, global_lse = sharded_cross_entropy_share(logits, pos / temperature, owned, axis_name)
   return share, {"metrics": _softmax_metrics(pos / temperature, owned, global_lse,
-                                             temperature, axis_name)}
+                                             temperature, axis_name),
+                 "rows": rows}
 
 
 def parametric_softmax_loss(features: jax.Array, indices: jax.Array, weights: jax.Array, *,
@@ -333,6 +340,7 @@ def infonce_loss(features: jax.Array, indices: jax.Array, bank: MemoryBank, nois
   """Sampled softmax cross-entropy over the positive and its m bank negatives (InfoNCE).
 
   loss_i = -log( exp(s_i / tau) / (exp(s_i / tau) + sum_{j in noise(i)} exp(s_j / tau)) ).
+  `aux["rows"]` holds the rows read (from `rows` or gathered here), for the update.
   """
   features = features.astype(jnp.float32)
   rows = step_rows(bank, indices, noise, axis_name) if rows is None else rows
@@ -346,7 +354,7 @@ def infonce_loss(features: jax.Array, indices: jax.Array, bank: MemoryBank, nois
   share, global_lse = sharded_cross_entropy_share(logits, pos_logits, owned, axis_name)
   metrics = _softmax_metrics(pos_logits, owned, global_lse, temperature, axis_name)
   metrics["noise_score"] = _masked_mean(neg, valid, axis_name)
-  return share, {"metrics": metrics}
+  return share, {"metrics": metrics, "rows": rows}
 
 
 # ------------------------------------------------------------------------------------------------

@@ -52,6 +52,8 @@ class ShardLayout:
     return global_index // self.rows_per_shard
 
   def to_global(self, shard, local_row):
+    """Global instance index of row `local_row` of shard `shard` (inverse of `owner` and
+    `owned_rows`), e.g. to name the instances behind `NoiseSample.rows` or kNN neighbours."""
     return shard * self.rows_per_shard + local_row
 
   def shard_array(self, full: np.ndarray, fill=0) -> np.ndarray:
@@ -64,7 +66,8 @@ class ShardLayout:
         (self.num_shards, self.rows_per_shard) + full.shape[1:])
 
   def unshard_array(self, sharded) -> np.ndarray:
-    """Inverse of `shard_array`: (num_shards, rows_per_shard, ...) -> (n, ...)."""
+    """Inverse of `shard_array`: (num_shards, rows_per_shard, ...) -> (n, ...), e.g. the whole
+    bank as an (n, d) host array, row i for instance i (padding rows dropped)."""
     sharded = np.asarray(sharded)
     return sharded.reshape((self.padded_size,) + sharded.shape[2:])[:self.num_instances]
 

@@ -236,8 +236,7 @@ def train_step(state: TrainState, batch, *, model, tx: optax.GradientTransformat
   # Running BN statistics are per device during the step (as the reference); keep the
   # replicated copy identical by averaging them.
   batch_stats = jax.lax.pmean(new_model_state["batch_stats"], AXIS)
-  bank = memory_bank.update(state.bank, indices, features, momentum=hp.bank_momentum,
-                            axis_name=AXIS, old_rows=rows.positives)
+  bank = memory_bank.update(state.bank, rows, features, momentum=hp.bank_momentum)
 
   metrics = dict(aux["metrics"], loss=objectives.global_loss(share, AXIS),
                  learning_rate=learning_rate_fn(state.step))

@@ -1,4 +1,5 @@
-"""Memory bank: reference initialisation, momentum update, look-ups, sharded == unsharded."""
+"""Memory bank: reference initialisation, momentum update from the step's rows, sharded ==
+unsharded. (tests/test_examples.py checks a compiled step's temporaries do not grow with n.)"""
 
 import jax
 import jax.numpy as jnp
@@ -45,55 +46,67 @@ def test_init_does_not_depend_on_the_number_of_shards():
   np.testing.assert_array_equal(part, eight.rows[2:4])
 
 
+def _update(bank, idx, feats, momentum, valid=None):
+  rows = memory_bank.gather_step_rows(bank, jnp.asarray(idx), None)
+  return memory_bank.update(bank, rows, jnp.asarray(feats, jnp.float32), momentum=momentum,
+                            valid=valid)
+
+
 def test_update_matches_formula_and_momentum_weights_the_old_value():
   rng = np.random.default_rng(0)
   rows = ref.normalize(rng.normal(size=(20, 4)))
   bank = MemoryBank(rows=jnp.asarray(rows, jnp.float32), num_instances=20)
   idx = np.array([3, 7, 11])
   feats = ref.normalize(rng.normal(size=(3, 4)))
-  new = memory_bank.update(bank, jnp.asarray(idx), jnp.asarray(feats, jnp.float32),
-                           momentum=0.5, axis_name=None)
+  new = _update(bank, idx, feats, 0.5)
   np.testing.assert_allclose(new.rows, ref.bank_update(rows, idx, feats, 0.5), rtol=1e-5,
                              atol=1e-6)
   # momentum -> 1 keeps the old value; momentum 0 writes the feature (`write`).
-  kept = memory_bank.update(bank, jnp.asarray(idx), jnp.asarray(feats, jnp.float32),
-                            momentum=0.999999, axis_name=None)
+  kept = _update(bank, idx, feats, 0.999999)
   np.testing.assert_allclose(kept.rows, rows, atol=1e-5)
   written = memory_bank.write(bank, jnp.asarray(idx), jnp.asarray(feats, jnp.float32),
                               axis_name=None)
   np.testing.assert_allclose(written.rows[idx], feats, rtol=1e-5, atol=1e-6)
-  masked = memory_bank.update(bank, jnp.asarray(idx), jnp.asarray(feats, jnp.float32),
-                              momentum=0.5, axis_name=None, valid=jnp.array([True, False, True]))
+  np.testing.assert_array_equal(written.rows, _update(bank, idx, feats, 0.0).rows)
+  masked = _update(bank, idx, feats, 0.5, valid=jnp.array([True, False, True]))
   np.testing.assert_allclose(masked.rows[7], rows[7], rtol=1e-6)
 
 
-def _sharded_update_and_lookup(rows, idx, feats, n, d, dtype=jnp.float32):
+def test_l2_normalize_is_safe_at_zero():
+  np.testing.assert_array_equal(memory_bank.l2_normalize(jnp.zeros((2, 4))), 0.0)
+  grad = jax.grad(lambda v: memory_bank.l2_normalize(v).sum())(jnp.zeros(4))
+  assert np.isfinite(grad).all()
+
+
+def _sharded_update(rows, idx, feats, n, d, dtype=jnp.float32):
+  """The bank after one sharded update, and the positives' pre-step rows seen by every device
+  (`psum` of each shard's `StepRows.positives`)."""
   layout = ShardLayout(n, d)
 
   def body(rows_shard, idx_local, feat_local):
     bank = MemoryBank(rows=rows_shard, num_instances=n, num_shards=d)
     idx_all = sharding.gather_batch(idx_local, AXIS)
     feat_all = sharding.gather_batch(feat_local, AXIS)
-    looked_up = memory_bank.lookup(bank, idx_all, AXIS)
-    return memory_bank.update(bank, idx_all, feat_all, momentum=0.5, axis_name=AXIS).rows, \
-        looked_up
+    step_rows = memory_bank.gather_step_rows(bank, idx_all, AXIS)
+    new_bank = memory_bank.update(bank, step_rows, feat_all, momentum=0.5)
+    return new_bank.rows, sharding.psum(step_rows.positives, AXIS)
 
   split = lambda x: jnp.asarray(x).reshape((d, -1) + x.shape[1:])
-  new_rows, looked_up = jax.pmap(body, axis_name=AXIS)(
+  new_rows, positives = jax.pmap(body, axis_name=AXIS)(
       jnp.asarray(layout.shard_array(rows), dtype), split(idx), split(feats))
-  return layout.unshard_array(new_rows), looked_up
+  return layout.unshard_array(new_rows), positives
 
 
 @pytest.mark.parametrize("n", [61, 64])
-def test_sharded_update_and_lookup_equal_unsharded(n):
+def test_sharded_update_equals_unsharded(n):
   rng = np.random.default_rng(1)
   rows = ref.normalize(rng.normal(size=(n, 8))).astype(np.float32)
   idx = rng.permutation(n)[:16]
   feats = ref.normalize(rng.normal(size=(16, 8))).astype(np.float32)
-  new_rows, looked_up = _sharded_update_and_lookup(rows, idx, feats, n, 8)
+  new_rows, positives = _sharded_update(rows, idx, feats, n, 8)
   np.testing.assert_allclose(new_rows, ref.bank_update(rows, idx, feats, 0.5), rtol=1e-5,
                              atol=1e-6)
-  for device_view in np.asarray(looked_up):                  # replicated on every device
+  for device_view in np.asarray(positives):                  # replicated on every device
     np.testing.assert_array_equal(device_view, rows[idx])
 
 
@@ -102,7 +115,10 @@ def test_bf16_storage_keeps_float32_arithmetic():
   rows = ref.normalize(rng.normal(size=(64, 8))).astype(np.float32)
   idx = rng.permutation(64)[:16]
   feats = ref.normalize(rng.normal(size=(16, 8))).astype(np.float32)
-  new_rows, looked_up = _sharded_update_and_lookup(rows, idx, feats, 64, 8, jnp.bfloat16)
-  assert new_rows.dtype == jnp.bfloat16 and looked_up.dtype == jnp.float32
+  new_rows, positives = _sharded_update(rows, idx, feats, 64, 8, jnp.bfloat16)
+  assert new_rows.dtype == jnp.bfloat16 and positives.dtype == jnp.float32
   expected = ref.bank_update(rows.astype(jnp.bfloat16).astype(np.float32), idx, feats, 0.5)
   np.testing.assert_allclose(new_rows.astype(np.float32), expected, atol=1e-2)
+  # The bf16 rows are the float32 update rounded once (row by row on CPU, see _scatter_rows).
+  f32_rows, _ = _sharded_update(rows.astype(jnp.bfloat16).astype(np.float32), idx, feats, 64, 8)
+  np.testing.assert_array_equal(new_rows, f32_rows.astype(jnp.bfloat16))
