@@ -63,7 +63,7 @@ class Size:
     noise_sweep: m values compiled (not run) at the smallest n, to show the collectives do
       not depend on m.
 
-  A bfloat16 bank is compiled (not run) at the largest n, for its HLO bank bytes and copies.
+  A bfloat16 bank is compiled (not run) at the smallest and the largest n, for its temporaries.
   """
 
   num_instances: tuple[int, ...]
@@ -213,12 +213,19 @@ def run_one_mode(rows, n: int, size: Size, shared: bool, inputs) -> tuple[jax.Ar
   return state["rows"], record
 
 
-def compile_only(n: int, size: Size, num_noise: int, dtype) -> dict:
-  """HLO facts of the shared-noise step at (n, m, bank dtype), without allocating anything."""
+def compile_only(n: int, size: Size, num_noise: int, dtype, shared: bool = True) -> dict:
+  """HLO facts of the step at (n, m, bank dtype, noise mode), without allocating anything."""
   layout = ShardLayout(n, NUM_DEVICES)
-  spec = StepSpec(layout, size.batch, num_noise, shared_noise=True)
+  spec = StepSpec(layout, size.batch, num_noise, shared_noise=shared)
   compiled = p_step(spec).lower(*abstract_inputs(layout, size, dtype)).compile()
   return analyse(compiled, layout.rows_per_shard, size.dim)
+
+
+def bf16_bank(n: int, size: Size) -> dict:
+  """A bfloat16 bank's step at n, compiled (not run) with per-example and shared noise."""
+  common.log(f"bank_step: bf16 bank at n={n:.0e}, compile only")
+  return {"n": n, **{("shared" if shared else "per_example"): compile_only(
+      n, size, size.num_noise, jnp.bfloat16, shared) for shared in (False, True)}}
 
 
 def run(size_name: str) -> dict:
@@ -254,8 +261,7 @@ def run(size_name: str) -> dict:
   return {"batch": size.batch, "num_noise": size.num_noise, "dim": size.dim,
           "num_devices": NUM_DEVICES, "temperature": TEMPERATURE, "z_mode": Z_MODE,
           "per_n": per_n, "noise_sweep": noise_sweep,
-          "bf16_bank_at_largest_n": {"n": largest, **compile_only(
-              largest, size, size.num_noise, jnp.bfloat16)},
+          "bf16_bank": [bf16_bank(n, size) for n in (smallest, largest)],
           "formula": formula_bytes(size.batch, size.dim, NUM_DEVICES)}
 
 
@@ -320,13 +326,18 @@ def markdown(result: dict) -> str:
       [[s["num_noise"], s["collective_totals"]["all"]["count"],
         f"{s['collective_totals']['all']['payload_bytes']:.0f}",
         f"{s['collective_totals']['all']['ring_bytes']:.0f}"] for s in result["noise_sweep"]])
-  bf16 = result["bf16_bank_at_largest_n"]
-  bf16_text = (f"bfloat16 bank at n = {bf16['n']:.0e} (compiled only, shared noise): HLO alias "
-               f"{_alias_bytes(bf16)} MiB/device, temp {_temp_bytes(bf16)} MiB, "
-               f"bank copies per step: {len(bf16['bank_copies'])}.")
-  if bf16["memory"] and bf16["memory"]["temp"] >= bf16["memory"]["alias"]:
-    bf16_text += (" The temporaries are at least the size of the bank: the step materialises "
-                  "a bank-sized buffer (e.g. an f32 conversion of the bank), O(n) per step.")
+  bf16 = result["bf16_bank"]
+  bf16_table = common.table(
+      ["bf16 bank, n (compiled only)", "bank MiB/device (HLO alias)",
+       "temp MiB (per-ex. / shared, HLO)", "bank copies per step (per-ex. / shared)"],
+      [[f"{entry['n']:.0e}", _alias_bytes(entry["shared"]),
+        f"{_temp_bytes(entry['per_example'])} / {_temp_bytes(entry['shared'])}",
+        f"{len(entry['per_example']['bank_copies'])} / {len(entry['shared']['bank_copies'])}"]
+       for entry in bf16])
+  temps = [(entry["per_example"]["memory"] or {}).get("temp") for entry in bf16]
+  bf16_text = ("A bfloat16 bank's step, compiled at the smallest and the largest n: its "
+               "temporaries " + ("do not grow with n." if temps[0] == temps[-1] else
+                                 "GROW with n: the step materialises bank-sized buffers."))
   largest = result["per_n"][-1]
   copies = largest["per_example"]["bank_copies"] + largest["shared"]["bank_copies"]
   copy_text = (
@@ -334,7 +345,7 @@ def markdown(result: dict) -> str:
       f"Copies of the bank in the compiled step at n = {largest['n']:.0e} (per-example, then "
       "shared noise), each O(n) per step:\n\n" + "\n".join(f"    {c}" for c in copies))
   return "\n\n".join([
-      header, timing, bf16_text, copy_text,
+      header, timing, bf16_table, bf16_text, copy_text,
       "Collectives per step (shared noise, smallest n; from the compiled HLO):", ops,
       "The same bytes by formula from the shapes:",
       common.table(["collective", "bytes"], formula_rows), "Collectives versus m:", sweep])

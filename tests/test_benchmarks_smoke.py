@@ -68,8 +68,11 @@ def test_bank_step_reports_time_bytes_and_collectives(report):
   assert len(payloads) == 1  # The same at every n and m.
   # The HLO adds only the scalar all-reduces (4 bytes each) to the formula's B-sized tensors.
   assert 0 <= payloads.pop() - result["formula"]["total_payload_bytes"] < 100
-  assert result["bf16_bank_at_largest_n"]["memory"]["alias"] == (
+  smallest, largest = result["bf16_bank"]
+  assert largest["shared"]["memory"]["alias"] == (
       result["per_n"][-1]["bank_bytes_per_device_formula"]["bf16"])
+  for mode in ("per_example", "shared"):  # A bf16 bank's temporaries do not grow with n.
+    assert largest[mode]["memory"]["temp"] == smallest[mode]["memory"]["temp"]
 
 
 def test_knn_eval_reports_ours_faiss_and_the_peak(report):

@@ -10,7 +10,6 @@ import sys
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
 from instdisc_jax import objectives
@@ -65,13 +64,24 @@ def example_step_memory(num_instances: int, bank_dtype, devices: int = 8,
   return {"temp": stats.temp_size_in_bytes, "alias": stats.alias_size_in_bytes}
 
 
-@pytest.mark.parametrize("bank_dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
-def test_example_step_temporaries_do_not_grow_with_n(bank_dtype):
-  """Regressions: the example used to read the bank in the objective and again in the update
-  (XLA then copied the donated bank every step); a bfloat16 bank was scattered through a
-  float32 copy of the whole shard on CPU. Either makes the temporaries grow with n."""
-  small = example_step_memory(2 * 10**4, bank_dtype)
-  large = example_step_memory(2 * 10**6, bank_dtype)
+def test_example_step_temporaries_do_not_grow_with_n():
+  """Regression: the example read the bank in the objective and again in the update, and XLA
+  then copied the donated bank every step (temporaries growing with n)."""
+  small = example_step_memory(2 * 10**4, jnp.float32)
+  large = example_step_memory(2 * 10**6, jnp.float32)
   bank_growth = large["alias"] - small["alias"]        # the donated bank shard grew 100x
-  assert bank_growth > 0.9 * (250_000 - 2_500) * 32 * np.dtype(bank_dtype).itemsize
+  assert bank_growth > 0.9 * (250_000 - 2_500) * 32 * 4
   assert large["temp"] - small["temp"] < bank_growth / 100, (small, large)
+
+
+def test_bf16_bank_step_temporaries():
+  """A bfloat16 bank: no growth where the backend scatters bfloat16 natively. XLA:CPU has no
+  bfloat16 scatter; it used to go through a float32 copy of the whole shard (temporaries 2x the
+  bank). The uint16 view it uses now is still materialised once (1x the bank), see
+  `memory_bank._scatter_rows`: this checks that bound, and that it is not more."""
+  small = example_step_memory(2 * 10**4, jnp.bfloat16)
+  large = example_step_memory(2 * 10**6, jnp.bfloat16)
+  bank_growth = large["alias"] - small["alias"]
+  assert bank_growth > 0.9 * (250_000 - 2_500) * 32 * 2
+  allowed = 1.05 * bank_growth if jax.default_backend() == "cpu" else bank_growth / 100
+  assert large["temp"] - small["temp"] < allowed, (small, large)

@@ -119,6 +119,6 @@ def test_bf16_storage_keeps_float32_arithmetic():
   assert new_rows.dtype == jnp.bfloat16 and positives.dtype == jnp.float32
   expected = ref.bank_update(rows.astype(jnp.bfloat16).astype(np.float32), idx, feats, 0.5)
   np.testing.assert_allclose(new_rows.astype(np.float32), expected, atol=1e-2)
-  # The bf16 rows are the float32 update rounded once (row by row on CPU, see _scatter_rows).
+  # The bf16 rows are the float32 update rounded once (whatever path _scatter_rows takes).
   f32_rows, _ = _sharded_update(rows.astype(jnp.bfloat16).astype(np.float32), idx, feats, 64, 8)
   np.testing.assert_array_equal(new_rows, f32_rows.astype(jnp.bfloat16))
