@@ -386,20 +386,22 @@ def compensated_sum(x: jax.Array) -> jax.Array:
   Each level adds neighbouring pairs and keeps the exact error of each addition (Knuth's
   TwoSum, valid in any rounding-to-nearest arithmetic); the errors are summed alongside and
   added at the end. The result is within about one ulp of the exact sum, where a plain float32
-  sum of N numbers can be off by sqrt(N) ulps or more. log2(N) elementwise passes.
+  sum of N numbers can be off by sqrt(N) ulps or more. log2(N) elementwise passes. The gradient
+  is the plain sum's (ones): the correction carries none.
   """
-  x = jnp.ravel(x)
-  size = 1 << max(0, (x.shape[0] - 1).bit_length())
-  x = jnp.pad(x, (0, size - x.shape[0]))
-  error = jnp.zeros_like(x)
-  while x.shape[0] > 1:
-    a, b = x[0::2], x[1::2]
+  values = jnp.ravel(sg(x))
+  size = 1 << max(0, (values.shape[0] - 1).bit_length())
+  values = jnp.pad(values, (0, size - values.shape[0]))
+  error = jnp.zeros_like(values)
+  while values.shape[0] > 1:
+    a, b = values[0::2], values[1::2]
     total = a + b
     b_part = total - a
     rounding = (a - (total - b_part)) + (b - b_part)
     error = error[0::2] + error[1::2] + rounding
-    x = total
-  return x[0] + error[0]
+    values = total
+  plain = jnp.sum(x)
+  return plain + sg(values[0] + error[0] - plain)
 
 
 def _masked_mean(x: jax.Array, mask: jax.Array, axis_name: AxisName) -> jax.Array:
