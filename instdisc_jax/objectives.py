@@ -167,12 +167,13 @@ def nce_log_terms(log_p_pos: jax.Array, log_p_neg: jax.Array, *, num_instances: 
     log(1 - h) = log c - log(P + c + eps)     = -logaddexp(log P - log c, log(1 + eps / c))
 
   The noise form never forms log c - log(P + c + eps) as the difference of two numbers of size
-  |log(m / n)|: each such difference loses ~ulp(log(n / m)) to rounding, the same sign for every
-  term, and m noise terms add it up (a constant offset of ~1.2e-5 in the loss at m = 4096). Here
-  the constants are combined in float64 on the host, log(1 + eps / c) is computed directly, and
-  each constant that meets a float32 logit is applied as two float32 parts (hi + lo), so the
-  rounding that is left is the logits' own, which does not accumulate (see
-  `tests/test_numerics.py`: <= 1e-6 against float64 for m <= 65,536 and n <= 10^7).
+  |log(m / n)|: each such difference of two separately rounded float32 constants is off by up to
+  ~ulp(log(n / m)), with the same sign for every term, and the m noise terms of an example add
+  it up (on the data of `tests/test_numerics.py` the loss was off by 2.5e-5 to 6.4e-3 for
+  m = 4096 and 65,536, n = 10^3 to 10^7). Here the constants are combined in float64 on the
+  host, log(1 + eps / c) is computed directly, and each constant that meets a float32 logit is
+  applied as two float32 parts (hi + lo), so the rounding left is the logits' own, of random
+  sign (<= 1e-6 against float64 on the same data).
 
   Args:
     log_p_pos: log P(i|v) of the positives (any shape).
