@@ -87,30 +87,33 @@ def test_linear_probe_on_8_devices_matches_1_device_and_the_gathered_fit():
     scores[name] = (probe.top1(params, test.pooled, test.labels, mean, std),
                     probe.top1(params, train.pooled, train.labels, mean, std))
   # Tolerance: the same batches and steps; only the order of float additions differs (psum of
-  # per-device partial sums, jnp vs numpy moments), ~1e-6 of the weights' scale of ~0.1.
+  # per-device partial sums, jnp vs numpy moments). Measured: weights (|w| <= 0.27) differ by
+  # at most 5e-8 between 8 and 1 devices and from the gathered fit; allowed: 1e-6 + 1e-5 |w|.
   for name in ("w", "b"):
-    np.testing.assert_allclose(fitted["8"][name], fitted["1"][name], rtol=1e-4, atol=2e-5)
+    np.testing.assert_allclose(fitted["8"][name], fitted["1"][name], rtol=1e-5, atol=1e-6)
   reference = gathered_fit(x, y, 4, config)
   for name in ("w", "b"):
-    np.testing.assert_allclose(fitted["8"][name], reference[name], rtol=1e-4, atol=2e-5)
+    np.testing.assert_allclose(fitted["8"][name], reference[name], rtol=1e-5, atol=1e-6)
   assert scores["8"] == scores["1"]
   assert scores["8"][0] > 60                # it learnt something (chance is 25 %)
 
 
 def test_finetuning_on_8_devices_matches_1_device():
   rng = np.random.default_rng(1)
-  images = rng.integers(0, 256, (48, 16, 16, 1)).astype(np.uint8)
+  images = rng.integers(0, 256, (48, 8, 8, 1)).astype(np.uint8)
   labels = rng.integers(0, 4, 48).astype(np.int32)
+  # One residual stage: BatchNorm in the stem and the block, and a fast compile.
   model = semi_supervised.Classifier.synced(
-      models.get_model("small_resnet", low_dim=8, width=4), num_classes=4)
-  variables = model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 1)), train=False)
+      models.get_model("small_resnet", low_dim=8, width=4, stage_sizes=(1,)), num_classes=4)
+  variables = jax.jit(functools.partial(model.init, train=False))(jax.random.key(0),
+                                                                  jnp.zeros((1, 8, 8, 1)))
   config = semi_supervised.FinetuneConfig(steps=3, batch_size=16, learning_rate=0.05,
                                           momentum=0.9, weight_decay=5e-4, augment=True,
                                           crop_scale_min=0.5, seed=0)
   tx = optax.chain(optax.add_decayed_weights(config.weight_decay),
                    optax.sgd(optax.cosine_decay_schedule(config.learning_rate, config.steps),
                              momentum=config.momentum))
-  transform = augment.AugmentConfig(image_size=16, mean=(0.5,), std=(0.25,),
+  transform = augment.AugmentConfig(image_size=8, mean=(0.5,), std=(0.25,),
                                     crop_scale=(0.5, 1.0), grayscale_prob=0.0, brightness=0.0,
                                     contrast=0.0, saturation=0.0, hue=0.0)
   initial = semi_supervised.FinetuneState(
@@ -132,10 +135,12 @@ def test_finetuning_on_8_devices_matches_1_device():
     tuned[name] = jax.tree.map(parallel.first_replica, (state.params, state.batch_stats))
   # Tolerance: BatchNorm statistics are means over devices of per-device means (exact for
   # equal per-device batches) and gradients a mean of 8 partial means: float rounding only.
-  np.testing.assert_allclose(losses["8"], losses["1"], rtol=1e-5)
+  # Measured: parameters and statistics (|v| <= 1.06) differ by at most 1.2e-7 after 3 steps,
+  # the loss not at all; allowed: 1e-6 + 1e-5 |v|.
+  np.testing.assert_allclose(losses["8"], losses["1"], rtol=1e-6)
   flat_1, flat_8 = (jax.tree.leaves(tuned[name]) for name in ("1", "8"))
   for a, b in zip(flat_8, flat_1):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
   changed = jax.tree.leaves(jax.tree.map(lambda a, b: not np.allclose(a, b), tuned["8"][0],
                                          variables["params"]))
   assert any(changed)                       # the steps did move the encoder and the head
