@@ -180,6 +180,9 @@ class FeatureCache:
       tables = empty_tables(layout, low_dim, pooled_dim)
       for batch in batches(self.trainer, split, self.batch_size):
         tables = self._p_extract[layout](state, tables, parallel.shard_local_batch(batch))
+      # With several processes pmap returns this process's (L, ...) slices: make them the
+      # global (D, ...) arrays they are part of, so shard positions are global ones.
+      tables = jax.tree.map(parallel.to_global, tables)
       self._cache[split.name] = Features(**tables, layout=layout)
     return self._cache[split.name]
 
