@@ -240,3 +240,13 @@ def test_every_evaluation_step_holds_1_over_d_of_the_splits():
         step, growth)
     for d in (2, 8):
       assert growth[d]["peak"] <= 1.1 * (tables + similarities) / d, (step, d, growth)
+
+
+def test_eval_memory_benchmark_reports_both_paths():
+  result = eval_memory.run("quick")
+  peak = result["peak_feature_bytes_per_device"]
+  size = eval_memory.SIZES["quick"]
+  assert peak["gathered"] == size.train * (result["sharded"]["pooled_dim"] + 1) * 4
+  assert peak["sharded"] < peak["gathered"]
+  report = eval_memory.markdown(result)
+  assert "gathered (before, f437199)" in report and "sharded probe_train" in report
