@@ -15,7 +15,7 @@ are this process's part of (which is what checkpoints store).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional, Sequence
 
 import jax
 from jax.sharding import Mesh
@@ -25,40 +25,46 @@ import numpy as np
 
 AXIS = "devices"
 
+# `devices` arguments below: the devices of the mapped axis, in axis order (as passed to
+# `jax.pmap(devices=...)`); None means all devices of all processes. Runs always use None; a
+# subset lets one process compare a computation on D devices with the same on fewer.
+Devices = Optional[Sequence[jax.Device]]
 
-def mesh() -> Mesh:
-  """1-D mesh over all devices of all processes, in global device order."""
-  return Mesh(np.asarray(jax.devices()), (AXIS,))
+
+def mesh(devices: Devices = None) -> Mesh:
+  """1-D mesh over `devices` (all devices of all processes, in global device order)."""
+  return Mesh(np.asarray(jax.devices() if devices is None else devices), (AXIS,))
 
 
-def device_sharding() -> NamedSharding:
+def device_sharding(devices: Devices = None) -> NamedSharding:
   """One slice of the leading axis per device."""
-  return NamedSharding(mesh(), P(AXIS))
+  return NamedSharding(mesh(devices), P(AXIS))
 
 
-def replicated_sharding() -> NamedSharding:
+def replicated_sharding(devices: Devices = None) -> NamedSharding:
   """The whole array on every device."""
-  return NamedSharding(mesh(), P())
+  return NamedSharding(mesh(devices), P())
 
 
-def local_device_indices() -> np.ndarray:
-  """Global positions (on the device axis) of this process's devices."""
-  position = {d: i for i, d in enumerate(jax.devices())}
-  return np.asarray([position[d] for d in jax.local_devices()])
+def local_device_indices(devices: Devices = None) -> np.ndarray:
+  """Positions (on the device axis) of this process's devices."""
+  devices = jax.devices() if devices is None else devices
+  local = set(jax.local_devices())
+  return np.asarray([i for i, d in enumerate(devices) if d in local])
 
 
-def _stack_on_devices(x) -> jax.Array:
+def _stack_on_devices(x, devices: Devices = None) -> jax.Array:
   """A host/replicated value -> (D, ...) array with the same value in every device's slice."""
   x = np.asarray(x)
-  sharding = device_sharding()
+  sharding = device_sharding(devices)
   slices = [jax.device_put(x[None], d) for d in sharding.addressable_devices]
-  return jax.make_array_from_single_device_arrays((jax.device_count(),) + x.shape, sharding,
+  return jax.make_array_from_single_device_arrays((sharding.mesh.size,) + x.shape, sharding,
                                                   slices)
 
 
-def replicate(tree: Any) -> Any:
+def replicate(tree: Any, devices: Devices = None) -> Any:
   """Host pytree -> the same pytree with a leading device axis (one copy per device)."""
-  return jax.tree.map(_stack_on_devices, tree)
+  return jax.tree.map(lambda x: _stack_on_devices(x, devices), tree)
 
 
 def shard_local_batch(tree: Any) -> Any:
@@ -78,10 +84,11 @@ def shard_local_batch(tree: Any) -> Any:
   return jax.tree.map(put, tree)
 
 
-def shard_local_rows(tree: Any) -> Any:
+def shard_local_rows(tree: Any, devices: Devices = None) -> Any:
   """This process's (L, ...) host slices of an instance-sharded value -> global (D, ...) array."""
+  sharding = device_sharding(devices)
   return jax.tree.map(
-      lambda x: jax.make_array_from_process_local_data(device_sharding(), np.asarray(x)), tree)
+      lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), tree)
 
 
 def to_global(x: jax.Array) -> jax.Array:

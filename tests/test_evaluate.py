@@ -19,6 +19,7 @@ from instdisc_jax import train
 from instdisc_jax.errors import ConfigError
 from instdisc_jax.errors import UserError
 from instdisc_jax.evaluation import config as eval_config
+from instdisc_jax.evaluation import export
 from instdisc_jax.evaluation import knn_sweep
 from instdisc_jax.evaluation import linear_probe
 from instdisc_jax.evaluation import pictures
@@ -94,11 +95,11 @@ def test_linear_probe_separable_clusters_and_shuffled_labels():
   assert 12 <= shuffled <= 38                                       # chance is 25 %
 
 
-def test_standardise_uses_training_statistics():
-  train_x = np.array([[0.0, 10.0], [2.0, 30.0]])
-  a, b = linear_probe.standardise(train_x, np.array([[1.0, 20.0]]))
-  np.testing.assert_allclose(a, [[-1, -1], [1, 1]])
-  np.testing.assert_allclose(b, [[0, 0]])
+def test_standardisation_uses_the_labelled_training_rows():
+  train_x = np.array([[0.0, 10.0], [2.0, 30.0], [100.0, 100.0]], np.float32)
+  mean, std = linear_probe.moments(train_x, np.array([0, 1, -1]), axis_name=None)
+  np.testing.assert_allclose(mean, [1, 20])          # the unlabelled row is left out
+  np.testing.assert_allclose(std, [1, 10])
 
 
 def test_balanced_subset_is_class_balanced_and_deterministic():
@@ -179,30 +180,43 @@ def test_linear_probe_and_fine_tuning_on_separable_blobs(evaluated):
   assert results["linear_probe"]["pooled"]["top1"] == 100.0
   fine_tuned = results["semi_supervised"]
   assert set(fine_tuned) == {"1%", "10%"}
-  labels = np.load(os.path.join(evaluated[0], "features_train.npz"))["labels"]
+  labels = export.read(evaluated[0], "train")["labels"]
   for fraction, name in ((0.01, "1%"), (0.1, "10%")):
     assert fine_tuned[name]["labelled"] == len(semi_supervised.balanced_subset(labels, fraction,
                                                                                0))
     assert 0 <= fine_tuned[name]["top1"] <= 100 and np.isfinite(fine_tuned[name]["final_loss"])
 
 
-def test_export_writes_features_labels_and_indices(evaluated, tiny_npz):
+def test_export_writes_each_process_rows_with_their_indices(evaluated, tiny_npz):
   workdir, _, results = evaluated
-  archive = np.load(results["export"]["train"])
+  assert results["export"]["train"] == os.path.join(workdir, "features_train.process*.npz")
+  archive = np.load(os.path.join(workdir, "features_train.process0.npz"))   # one process
   assert set(archive.files) == {"features", "pooled", "labels", "indices"}
-  assert archive["features"].shape == (96, 16) and archive["pooled"].shape[0] == 96
-  np.testing.assert_allclose(np.linalg.norm(archive["features"], axis=1), 1.0, rtol=1e-5)
   assert np.array_equal(archive["indices"], np.arange(96))
-  assert np.array_equal(archive["labels"], np.load(tiny_npz)["labels"])
-  assert np.array_equal(np.load(results["export"]["eval"])["labels"],
-                        np.load(tiny_npz)["test_labels"])
+  table = export.read(workdir, "train")
+  assert table["features"].shape == (96, 16) and table["pooled"].shape[0] == 96
+  np.testing.assert_allclose(np.linalg.norm(table["features"], axis=1), 1.0, rtol=1e-5)
+  assert np.array_equal(table["indices"], np.arange(96))
+  assert np.array_equal(table["labels"], np.load(tiny_npz)["labels"])
+  assert np.array_equal(export.read(workdir, "eval")["labels"], np.load(tiny_npz)["test_labels"])
+
+
+def test_export_read_joins_and_orders_the_processes_archives(tmp_path):
+  rows = {"features": np.eye(4, 2, dtype=np.float32), "pooled": np.ones((4, 3), np.float32),
+          "labels": np.arange(4, dtype=np.int32), "indices": np.arange(4, dtype=np.int32)}
+  for process, part in ((1, slice(2, 4)), (0, slice(0, 2))):
+    export.save(export.path(str(tmp_path), "train", process),
+                {name: value[part][::-1] for name, value in rows.items()})
+  table = export.read(str(tmp_path), "train")
+  for name, value in rows.items():
+    assert np.array_equal(table[name], value)
 
 
 def test_retrieval_grid_shows_the_true_top_k(evaluated):
   workdir, _, results = evaluated
   grid = results["retrieval_grid"]
-  train_features = np.load(os.path.join(workdir, "features_train.npz"))["features"]
-  eval_features = np.load(os.path.join(workdir, "features_eval.npz"))["features"]
+  train_features = export.read(workdir, "train")["features"]
+  eval_features = export.read(workdir, "eval")["features"]
   similarities = eval_features[grid["queries"]] @ train_features.T
   shown = np.take_along_axis(similarities, np.asarray(grid["neighbors"]), axis=1)
   top_k = -np.sort(-similarities, axis=1)[:, :10]

@@ -1,14 +1,24 @@
 """Features of a whole split under the eval transform, extracted once and shared by evaluators.
 
-Extraction runs the pmapped encoder over `data.eval_batches` (every record once, padded to whole
-global batches, padding masked), all-gathers each batch, and keeps the real rows, so every
-process ends up with the features of the whole split in record order, whatever the topology.
+The features stay where they are computed, instance-sharded over the devices with the memory
+bank's layout (`sharding.ShardLayout`, a leading device axis): shard k holds records
+`[k * rows_per_shard, (k + 1) * rows_per_shard)` of the split, its last shards padding rows
+(label -1). No host and no device ever holds a whole split. Extraction runs the pmapped encoder
+over `data.eval_batches` (every record once, padded to whole global batches, padding masked);
+each step all-gathers the batch's features (B rows: constant in the split's size, like the
+train step's all-gather) and every device writes the rows it owns into its shard, in place (the
+tables are donated). For ImageNet's pooled ResNet-50 features that is 1.28M x 2048 x 4 B / D
+per device instead of 10.5 GB on one device and on every host.
+
+Evaluators read the tables inside pmapped steps (`knn_sweep`, `linear_probe`), fetch a few rows
+(`take_rows`, for pictures) or write each process's own rows (`export`).
 """
 
 from __future__ import annotations
 
-import dataclasses
+import functools
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,27 +29,109 @@ from instdisc_jax import sharding
 from instdisc_jax import train
 from instdisc_jax.data import images as images_lib
 from instdisc_jax.parallel import AXIS
+from instdisc_jax.sharding import AxisName
+from instdisc_jax.sharding import ShardLayout
+
+KINDS = ("embedding", "pooled")
 
 
-@dataclasses.dataclass(frozen=True)
+@flax.struct.dataclass
 class Features:
-  """One split's features, row i = record i."""
+  """One split's features, instance-sharded: global arrays with a leading device axis D.
 
-  embedding: np.ndarray   # float32 (N, low_dim), L2-normalised
-  pooled: np.ndarray      # float32 (N, D), the pooled backbone features
-  labels: np.ndarray      # int32 (N,), -1 when unknown
-  indices: np.ndarray     # int32 (N,), the record (instance) index
+  Row r of shard k is record `layout.to_global(k, r)`; rows past the split's end are padding
+  (zero features, label -1).
+  """
 
-  def kind(self, name: str) -> np.ndarray:
+  embedding: jax.Array    # float32 (D, R, low_dim), L2-normalised
+  pooled: jax.Array       # float32 (D, R, P), the pooled backbone features
+  labels: jax.Array       # int32 (D, R), -1 when unknown and on padding rows
+  layout: ShardLayout = flax.struct.field(pytree_node=False)
+
+  def kind(self, name: str) -> jax.Array:
     """The features called `name` ("embedding" or "pooled")."""
     return {"embedding": self.embedding, "pooled": self.pooled}[name]
 
+  @classmethod
+  def from_host(cls, embedding: np.ndarray, pooled: np.ndarray, labels: np.ndarray,
+                devices: parallel.Devices = None) -> "Features":
+    """Shards (N, ...) host arrays over `devices` (all by default); each process places only
+    its own shards. For tests and for features computed elsewhere."""
+    layout = ShardLayout(len(labels), len(jax.devices() if devices is None else devices))
+    local = parallel.local_device_indices(devices)
+    return cls(**{name: parallel.shard_local_rows(
+        layout.shard_array(np.asarray(value, dtype), fill=fill)[local], devices)
+        for name, value, dtype, fill in (("embedding", embedding, np.float32, 0),
+                                         ("pooled", pooled, np.float32, 0),
+                                         ("labels", labels, np.int32, -1))}, layout=layout)
 
-def _extract_step(state: train.TrainState, batch, *, model, hp: train.StepConfig):
+  def local_rows(self) -> dict[str, np.ndarray]:
+    """This process's real rows as host arrays, in record order: {"features", "pooled",
+    "labels", "indices"} (the export's fields; "indices" are the record indices)."""
+    shards = sorted(self.embedding.addressable_shards, key=lambda s: s.index[0].start)
+    by_device = {name: {s.device: s.data for s in getattr(self, name).addressable_shards}
+                 for name in ("embedding", "pooled", "labels")}
+    parts = []
+    for shard in shards:
+      k = shard.index[0].start
+      indices = self.layout.to_global(k, np.arange(self.layout.rows_per_shard))
+      real = indices < self.layout.num_instances
+      parts.append({"features": np.asarray(by_device["embedding"][shard.device])[0][real],
+                    "pooled": np.asarray(by_device["pooled"][shard.device])[0][real],
+                    "labels": np.asarray(by_device["labels"][shard.device])[0][real],
+                    "indices": indices[real].astype(np.int32)})
+    return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
+
+
+def write_rows(table: jax.Array, indices: jax.Array, values: jax.Array, valid: jax.Array, *,
+               layout: ShardLayout, axis_name: AxisName) -> jax.Array:
+  """Writes the rows of `values` (global batch, (B, ...)) that this shard owns into `table`.
+
+  table: this shard's (rows_per_shard, ...); indices: (B,) global record indices; valid: (B,)
+  False on padding (whose index is -1, owned by no shard). Rows owned elsewhere are dropped.
+  """
+  local, owned = sharding.owned_rows(layout, indices, axis_name)
+  target = jnp.where(owned & valid, local, layout.rows_per_shard)   # out of range: dropped
+  return table.at[target].set(values.astype(table.dtype), mode="drop")
+
+
+def take_rows(table: jax.Array, indices: jax.Array, *, layout: ShardLayout,
+              axis_name: AxisName) -> jax.Array:
+  """Rows `indices` (Q,) of a sharded table, replicated on every device: (Q, ...).
+
+  Each shard contributes the rows it owns and zeros elsewhere; one psum of Q rows joins them.
+  """
+  local, owned = sharding.owned_rows(layout, indices, axis_name)
+  mine = table[local]
+  mine = jnp.where(owned.reshape(owned.shape + (1,) * (mine.ndim - 1)), mine, 0)
+  return sharding.psum(mine, axis_name)
+
+
+def _extract_step(state: train.TrainState, tables: dict, batch, *, model, hp: train.StepConfig,
+                  layout: ShardLayout) -> dict:
+  """Features of this device's part of an eval batch, written into the owners' shards."""
   embedding, pooled = train.embed(state, batch["image"], model=model, hp=hp, return_pooled=True)
-  return {name: sharding.gather_batch(value, AXIS) for name, value in (
-      ("embedding", embedding), ("pooled", pooled), ("label", batch["label"]),
-      ("index", batch["index"]), ("mask", batch["mask"]))}
+  indices, valid = (sharding.gather_batch(batch[name], AXIS) for name in ("index", "mask"))
+  values = {"embedding": embedding, "pooled": pooled, "labels": batch["label"]}
+  return {name: write_rows(tables[name], indices, sharding.gather_batch(values[name], AXIS),
+                           valid, layout=layout, axis_name=AXIS)
+          for name in tables}
+
+
+def _take_step(table, indices, *, layout: ShardLayout):
+  return take_rows(table, indices, layout=layout, axis_name=AXIS)
+
+
+def empty_tables(layout: ShardLayout, low_dim: int, pooled_dim: int) -> dict:
+  """Zero feature tables and -1 labels, (D, R, ...), made on the devices (nothing on a host)."""
+  shapes = {"embedding": ((low_dim,), jnp.float32, 0), "pooled": ((pooled_dim,), jnp.float32, 0),
+            "labels": ((), jnp.int32, -1)}
+
+  @functools.partial(jax.jit, out_shardings=parallel.device_sharding())
+  def make():
+    return {name: jnp.full((layout.num_shards, layout.rows_per_shard) + shape, fill, dtype)
+            for name, (shape, dtype, fill) in shapes.items()}
+  return make()
 
 
 def batches(trainer: train.Trainer, split, batch_size: int):
@@ -64,30 +156,56 @@ class FeatureCache:
   def __init__(self, trainer: train.Trainer, batch_size: int):
     self.trainer = trainer
     self.batch_size = batch_size
-    self._p_extract = train.pmapped(_extract_step, model=trainer.model, hp=trainer.hp)
+    self._p_extract = {}
+    self._p_take = {}
     self._state = None
     self._cache: dict = {}
+
+  def layout(self, split) -> ShardLayout:
+    """The split's instance layout over all devices (the bank's, for the training split)."""
+    return ShardLayout(split.num_examples, jax.device_count())
 
   def get(self, state: train.TrainState, split) -> Features:
     """The features of `split` under `state`'s network (computed again for another state)."""
     if state is not self._state:
       self._state, self._cache = state, {}
-    key = split.name
-    if key not in self._cache:
-      parts = []
+    if split.name not in self._cache:
+      layout = self.layout(split)
+      if layout not in self._p_extract:
+        self._p_extract[layout] = train.pmapped(
+            _extract_step, donate_argnums=(1,), model=self.trainer.model, hp=self.trainer.hp,
+            layout=layout)
+      # The embedding head maps the pooled features to low_dim: its kernel has both sizes.
+      _, pooled_dim, low_dim = state.params["encoder"]["head"]["kernel"].shape
+      tables = empty_tables(layout, low_dim, pooled_dim)
       for batch in batches(self.trainer, split, self.batch_size):
-        out = self._p_extract(state, parallel.shard_local_batch(batch))
-        out = {name: parallel.first_replica(value) for name, value in out.items()}
-        parts.append({name: value[out["mask"]] for name, value in out.items()})
-      joined = {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
-      self._cache[key] = Features(embedding=joined["embedding"], pooled=joined["pooled"],
-                                  labels=joined["label"].astype(np.int32),
-                                  indices=joined["index"].astype(np.int32))
-    return self._cache[key]
+        tables = self._p_extract[layout](state, tables, parallel.shard_local_batch(batch))
+      # With several processes pmap returns this process's (L, ...) slices: make them the
+      # global (D, ...) arrays they are part of, so shard positions are global ones.
+      tables = jax.tree.map(parallel.to_global, tables)
+      self._cache[split.name] = Features(**tables, layout=layout)
+    return self._cache[split.name]
 
   def bank_rows(self, state: train.TrainState) -> jax.Array:
-    """Recomputed training features as a sharded bank (what `Trainer.features_bank` builds)."""
-    features = self.get(state, self.trainer.train_split)
+    """Recomputed training features as bank rows (the bank's layout and dtype)."""
+    rows = self.get(state, self.trainer.train_split).embedding
     dtype = state.bank.rows.dtype
-    full = self.trainer.layout.shard_array(np.asarray(jnp.asarray(features.embedding, dtype)))
-    return parallel.shard_local_rows(full[parallel.local_device_indices()])
+    return rows if rows.dtype == dtype else rows.astype(dtype)
+
+  def take(self, table: jax.Array, layout: ShardLayout, indices: np.ndarray) -> np.ndarray:
+    """Host copy of rows `indices` of a sharded table: a few rows, for pictures."""
+    if layout not in self._p_take:
+      self._p_take[layout] = train.pmapped(_take_step, layout=layout)
+    rows = self._p_take[layout](table, parallel.replicate(np.asarray(indices, np.int32)))
+    return parallel.first_replica(rows)
+
+
+def gathered_bytes(layout: ShardLayout, low_dim: int, pooled_dim: int) -> int:
+  """Bytes of one split's features held whole (every row on one device or host)."""
+  return layout.num_instances * (low_dim + pooled_dim + 1) * 4
+
+
+def sharded_bytes(layout: ShardLayout, low_dim: int, pooled_dim: int) -> int:
+  """Bytes of one split's features on each device (its shard, padding rows included)."""
+  return layout.rows_per_shard * (low_dim + pooled_dim + 1) * 4
+

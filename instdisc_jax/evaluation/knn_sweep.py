@@ -3,6 +3,10 @@
 The neighbours of each query are found once with the largest k (`knn.nearest_neighbors`, over
 the sharded bank); every (k, tau) then votes with the first k of them (`knn.weighted_vote`). The
 result for k = `config.knn_k`, tau = `config.knn_temperature` is the training run's final kNN.
+
+The queries (the eval split's features) are instance-sharded like the bank (`features`): each
+step all-gathers one chunk of every device's query rows, so a device holds its query shard, its
+bank shard and one chunk of replicated queries, never a whole split.
 """
 
 from __future__ import annotations
@@ -10,14 +14,18 @@ from __future__ import annotations
 from typing import Sequence
 
 import jax
+from jax import lax
+import jax.numpy as jnp
 import numpy as np
 
 from instdisc_jax import knn
 from instdisc_jax import parallel
+from instdisc_jax import sharding
 from instdisc_jax import train
 from instdisc_jax.evaluation import features as features_lib
 from instdisc_jax.parallel import AXIS
 from instdisc_jax.sharding import AxisName
+from instdisc_jax.sharding import ShardLayout
 
 
 def setting_name(k: int, temperature: float) -> str:
@@ -44,22 +52,25 @@ def sweep_counts(queries: jax.Array, targets: jax.Array, valid: jax.Array, rows:
   return counts
 
 
-def _sweep_step(queries, targets, valid, rows, labels, *, num_instances: int, num_classes: int,
-                ks: tuple, temperatures: tuple):
-  """`sweep_counts` of a replicated chunk of queries against the sharded bank."""
+def _sweep_step(query_table, query_labels, chunk, rows, labels, *, query_layout: ShardLayout,
+                chunk_rows: int, num_instances: int, num_classes: int, ks: tuple,
+                temperatures: tuple):
+  """`sweep_counts` of one chunk of the sharded queries against the sharded bank.
+
+  Every device takes rows [chunk * chunk_rows, ...) of its own query shard (the last chunk is
+  moved back to end at the shard's end, its rows already counted marked invalid) and all-gathers
+  them: D * chunk_rows replicated queries per step, whatever the number of queries.
+  """
+  per_shard = query_layout.rows_per_shard
+  start = jnp.minimum(chunk * chunk_rows, per_shard - chunk_rows)
+  position = start + jnp.arange(chunk_rows)
+  valid = ((position >= chunk * chunk_rows) &
+           (position < sharding.local_real_rows(query_layout, AXIS)))
+  queries, targets = (lax.dynamic_slice_in_dim(x, start, chunk_rows)
+                      for x in (query_table, query_labels))
+  queries, targets, valid = (sharding.gather_batch(x, AXIS) for x in (queries, targets, valid))
   return sweep_counts(queries, targets, valid, rows, labels, num_instances=num_instances,
-                      num_classes=num_classes, ks=ks, temperatures=temperatures,
-                      axis_name=AXIS)
-
-
-def chunks(features: features_lib.Features, size: int):
-  """(queries, targets, valid) host chunks of `size` rows; the last is padded, valid False."""
-  for start in range(0, len(features.labels), size):
-    queries = features.embedding[start:start + size]
-    pad = size - len(queries)
-    yield (np.pad(queries, ((0, pad), (0, 0))),
-           np.pad(features.labels[start:start + size], (0, pad), constant_values=-1),
-           np.arange(size) < len(queries))
+                      num_classes=num_classes, ks=ks, temperatures=temperatures, axis_name=AXIS)
 
 
 class KnnSweep:
@@ -76,8 +87,15 @@ class KnnSweep:
     self.trainer = trainer
     self.cache = cache
     self.banks = tuple(banks)
+    query_layout = cache.layout(trainer.eval_split)
+    # The cache's global batch of queries per step, split over the devices' shards.
+    self.chunk_rows = min(max(1, cache.batch_size // query_layout.num_shards),
+                          query_layout.rows_per_shard)
+    self.num_chunks = -(-query_layout.rows_per_shard // self.chunk_rows)
     n = trainer.layout.num_instances
-    self._p_sweep = train.pmapped(_sweep_step, num_instances=n, num_classes=trainer.num_classes,
+    self._p_sweep = train.pmapped(_sweep_step, query_layout=query_layout,
+                                  chunk_rows=self.chunk_rows, num_instances=n,
+                                  num_classes=trainer.num_classes,
                                   ks=tuple(sorted({min(k, n) for k in ks})),
                                   temperatures=tuple(temperatures))
 
@@ -87,13 +105,15 @@ class KnnSweep:
     for bank in self.banks:
       rows = state.bank.rows if bank == "bank" else self.cache.bank_rows(state)
       totals: dict = {}
-      for chunk in chunks(queries, self.cache.batch_size):
-        counts = self._p_sweep(*parallel.replicate(chunk), rows, self.trainer.bank_labels)
+      for chunk in range(self.num_chunks):
+        counts = self._p_sweep(queries.embedding, queries.labels,
+                               parallel.replicate(np.int32(chunk)), rows,
+                               self.trainer.bank_labels)
         for setting, hits in counts.items():
           for name, value in hits.items():
             totals.setdefault(setting, {}).setdefault(name, 0)
             totals[setting][name] += int(parallel.first_replica(value))
-      total = max(len(queries.labels), 1)
+      total = max(queries.layout.num_instances, 1)
       results[bank] = {setting: {name: 100.0 * hits / total for name, hits in by_name.items()}
                        for setting, by_name in totals.items()}
     return results

@@ -78,18 +78,21 @@ class RetrievalGrid:
     trainer = self.trainer
     query_split = trainer.train_split if self.from_train else trainer.eval_split
     query_features = self.cache.get(state, query_split)
-    labelled = bool((query_features.labels >= 0).any())
-    picks = pick_queries(query_features.labels if labelled else None,
-                         len(query_features.labels), self.num_queries, self.seed)
+    labels = query_split.labels
+    labelled = labels is not None and bool((labels >= 0).any())
+    picks = pick_queries(labels if labelled else None, query_split.num_examples,
+                         self.num_queries, self.seed)
+    # Only the picked rows leave their shards.
+    queries = self.cache.take(query_features.embedding, query_features.layout, picks)
     rows = state.bank.rows if self.bank == "bank" else self.cache.bank_rows(state)
-    found = self._p_neighbors(parallel.replicate(query_features.embedding[picks]), rows,
-                              trainer.bank_labels)
+    found = self._p_neighbors(parallel.replicate(queries), rows, trainer.bank_labels)
     neighbors = jax.tree.map(parallel.first_replica, found)
     if self.from_train:
       neighbors = drop_self(neighbors, picks, self.k)
     indices = np.asarray(neighbors.indices)
     image_size = trainer.config.image_size
-    query_labels = query_features.labels[picks]
+    query_labels = (labels[picks] if labels is not None
+                    else np.full(len(picks), -1, np.int32))
     if jax.process_index() == 0:
       plots.retrieval_grid(
           self.path, features_lib.load_images(query_split, picks, image_size), query_labels,

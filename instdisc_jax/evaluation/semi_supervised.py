@@ -5,16 +5,21 @@ The subset takes round(fraction * n_c) (at least one) images of every class c, d
 generator seeded by (seed, c), so it is the same on every process and every run. The classifier
 is the pretrained encoder (its BatchNorm statistics included) with a zero-initialised linear layer
 on the pooled backbone features. Training is data-parallel like the train step (pmapped over all
-devices, gradients and BatchNorm statistics averaged); the global batch at step s is a slice of
-the concatenated per-epoch permutations of the subset seeded by (seed, epoch), each process
-taking its rows of it, so the run does not depend on the topology. Images get the run's
-normalisation and, with `augment`, a light augmentation (RandomResizedCrop with area in
+devices and processes, each device its rows of the global batch, gradients averaged); the
+global batch at step s is a slice of the concatenated per-epoch permutations of the subset
+seeded by (seed, epoch), each process taking its rows of it. Nothing depends on the topology, so
+D devices compute the one-device fine-tuning up to the order of float additions
+(`tests/test_evaluation_sharded.py`): BatchNorm normalises with the statistics of the whole
+global batch (means over the devices, whatever the run's `cross_device_bn`), and example i of
+the global batch is augmented with the key `fold_in(fold_in(key, step), i)`. Images get the
+run's normalisation and, with `augment`, a light augmentation (RandomResizedCrop with area in
 [crop_scale_min, 1] and the run's horizontal flip; no colour changes).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Sequence
 
 import flax.linen as nn
@@ -80,6 +85,11 @@ class Classifier(nn.Module):
   encoder: nn.Module
   num_classes: int
 
+  @classmethod
+  def synced(cls, encoder: nn.Module, num_classes: int) -> "Classifier":
+    """The classifier whose BatchNorm uses the whole global batch (means over AXIS)."""
+    return cls(encoder=encoder.clone(bn_axis_name=AXIS), num_classes=num_classes)
+
   @nn.compact
   def __call__(self, images: jax.Array, train: bool) -> jax.Array:
     _, pooled = self.encoder(images, train=train, return_pooled=True)
@@ -98,12 +108,19 @@ class FinetuneState:
 
 def _finetune_step(state: FinetuneState, batch, key_data, *, model: Classifier,
                    tx: optax.GradientTransformation, transform: augment.AugmentConfig,
-                   light: bool):
-  """One SGD step on this device's part of the global batch; returns (state, global loss)."""
+                   light: bool, axis_name: str = AXIS):
+  """One SGD step on this device's part of the global batch; returns (state, global loss).
+
+  `model` must average its BatchNorm statistics over `axis_name` (`Classifier.synced`).
+  """
   if light:
     step_key = jax.random.fold_in(jax.random.wrap_key_data(key_data), state.step)
-    device_key = jax.random.fold_in(step_key, sharding.shard_index(AXIS))
-    images = augment.train_augment(device_key, batch["image"], transform)
+    local = batch["image"].shape[0]
+    position = sharding.shard_index(axis_name) * local + jnp.arange(local)
+    keys = jax.vmap(jax.random.fold_in, (None, 0))(step_key, position)
+    augmented = jax.vmap(functools.partial(augment.augment_image, cfg=transform))(
+        keys, augment.to_float(batch["image"]))
+    images = augment.normalize(augmented, transform.mean, transform.std)
   else:
     images = augment.eval_transform(batch["image"], transform)
 
@@ -114,12 +131,13 @@ def _finetune_step(state: FinetuneState, batch, key_data, *, model: Classifier,
     return loss, updates
 
   (loss, updates), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  grads = jax.lax.pmean(grads, AXIS)        # equal per-device batches: the global mean
+  grads = jax.lax.pmean(grads, axis_name)   # equal per-device batches: the global mean
   param_updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  # The running statistics were updated from the global batch's: already equal on all devices.
   return state.replace(step=state.step + 1,
                        params=optax.apply_updates(state.params, param_updates),
-                       batch_stats=jax.lax.pmean(updates["batch_stats"], AXIS),
-                       opt_state=opt_state), jax.lax.pmean(loss, AXIS)
+                       batch_stats=updates["batch_stats"],
+                       opt_state=opt_state), jax.lax.pmean(loss, axis_name)
 
 
 def _correct_step(state: FinetuneState, batch, *, model: Classifier,
@@ -132,6 +150,31 @@ def _correct_step(state: FinetuneState, batch, *, model: Classifier,
           jax.lax.psum(jnp.sum(batch["mask"], dtype=jnp.int32), AXIS))
 
 
+def finetune(p_step, tuned: FinetuneState, subset: np.ndarray, load, config: FinetuneConfig,
+             devices: parallel.Devices = None) -> tuple[FinetuneState, float]:
+  """Runs `config.steps` pmapped `_finetune_step`s (`p_step`, mapped over `devices`) from the
+  replicated state `tuned`; returns the state and the last step's loss.
+
+  load: record indices -> {"image", "label"} host arrays. Process p loads its rows
+  [p * b, (p + 1) * b) of each global batch, b = batch_size / processes.
+  """
+  local = config.batch_size // jax.process_count()
+  first = jax.process_index() * local
+  key = parallel.replicate(jax.random.key_data(jax.random.key(config.seed)), devices)
+  loss = float("nan")
+  for step in range(config.steps):
+    rows = subset[global_batch(len(subset), config.batch_size, config.seed, step)]
+    batch = load(rows[first:first + local])
+    num_local = len(parallel.local_device_indices(devices))
+    batch = parallel.shard_local_rows(jax.tree.map(
+        lambda x: x.reshape((num_local, -1) + x.shape[1:]), batch), devices)
+    tuned, loss = p_step(tuned, batch, key)
+    # One step in flight at a time: with several steps queued, XLA:CPU's in-process
+    # all-reduce was seen to wait forever for a device (2 host devices, 2 cores).
+    loss = float(parallel.first_replica(loss))
+  return tuned, loss
+
+
 class SemiSupervised:
   """`run(state)` -> {"1%": {"labelled", "top1", "final_loss"}, ...} for each fraction."""
 
@@ -141,7 +184,7 @@ class SemiSupervised:
     self.cache = cache
     self.fractions = tuple(fractions)
     self.config = config
-    self.model = Classifier(encoder=trainer.model, num_classes=trainer.num_classes)
+    self.model = Classifier.synced(trainer.model, trainer.num_classes)
     schedule = optax.cosine_decay_schedule(config.learning_rate, config.steps)
     self.tx = optax.chain(optax.add_decayed_weights(config.weight_decay),
                           optax.sgd(schedule, momentum=config.momentum or None))
@@ -168,21 +211,12 @@ class SemiSupervised:
 
   def _finetune(self, state: train.TrainState, subset: np.ndarray) -> tuple[FinetuneState, float]:
     """The fine-tuned classifier and its last step's loss (`config.steps` >= 1 steps)."""
-    config, split = self.config, self.trainer.train_split
-    local = config.batch_size // jax.process_count()
-    first = jax.process_index() * local
-    tuned = self._initial_state(state)
-    key = parallel.replicate(jax.random.key_data(jax.random.key(config.seed)))
-    for step in range(config.steps):
-      rows = subset[global_batch(len(subset), config.batch_size, config.seed, step)]
-      rows = rows[first:first + local]
-      batch = {"image": features_lib.load_images(split, rows, self.trainer.config.image_size),
-               "label": split.labels[rows].astype(np.int32)}
-      tuned, loss = self._p_step(tuned, parallel.shard_local_batch(batch), key)
-      # One step in flight at a time: with several steps queued, XLA:CPU's in-process
-      # all-reduce was seen to wait forever for a device (2 host devices, 2 cores).
-      loss = float(parallel.first_replica(loss))
-    return tuned, loss
+    split, image_size = self.trainer.train_split, self.trainer.config.image_size
+
+    def load(rows):
+      return {"image": features_lib.load_images(split, rows, image_size),
+              "label": split.labels[rows].astype(np.int32)}
+    return finetune(self._p_step, self._initial_state(state), subset, load, self.config)
 
   def _top1(self, tuned: FinetuneState) -> float:
     """Top-1 accuracy (%) of the fine-tuned classifier on the eval split."""
