@@ -73,7 +73,7 @@ def _open(path: str) -> np.lib.npyio.NpzFile:
   """The archive at `path`, or a DataError naming it and what is wrong."""
   spec = f"npz:{path}"
   if not os.path.isfile(path):
-    raise DataError(f"{spec}: no such file; check the path")
+    raise DataError(f"{spec}: no such file")
   try:
     archive = np.load(path, allow_pickle=False)
   except (OSError, ValueError, zipfile.BadZipFile) as error:
