@@ -114,9 +114,13 @@ def first_line(error: BaseException) -> str:
   return text.strip().splitlines()[0] if text.strip() else type(error).__name__
 
 
-def _expected(parser, value: str) -> str:
+def _expected(parser, value: str, refused: BaseException) -> str:
   """What `parser` needs instead of `value`: its type, or the bound a number breaks."""
-  expected = _EXPECTED.get(type(parser).__name__, f"must be {parser.syntactic_help}")
+  expected = _EXPECTED.get(type(parser).__name__)
+  if expected is None:
+    help_ = getattr(parser, "syntactic_help", "")
+    expected = (f"must be {help_}" if help_ else
+                f"cannot be read ({type(refused).__name__}: {first_line(refused)})")
   number = {"IntegerParser": int, "FloatParser": float}.get(type(parser).__name__)
   try:
     number = number(value) if number else None
@@ -181,6 +185,16 @@ class _Describer:
       unknown = config is not None and _unknown_field(name, config, field, arg)
       if unknown:
         return unknown
+    # No override names a missing field: the config file itself failed (e.g. no get_config).
+    for name in self.config_flags:
+      value = self.value_of(name)
+      if value is None:
+        continue
+      try:
+        self.flag_values[name].parser.parse(value)
+      except Exception as failed:  # pylint: disable=broad-except  # whatever the file raises
+        return (f"--{name}={value}: cannot load the config file ({type(failed).__name__}: "
+                f"{first_line(failed)})")
     return f"bad --config override: {first_line(error)}"
 
   def given(self) -> list[tuple[str, str]]:
@@ -212,7 +226,8 @@ class _Describer:
           return (f"--{name}={value}: cannot load the config file "
                   f"({_last_line(refused)})")
         is_field = "." in name and name.split(".", 1)[0] in self.config_flags
-        return f"{name if is_field else '--' + name}={value!r}: {_expected(parser, value)}"
+        return (f"{name if is_field else '--' + name}={value!r}: "
+                f"{_expected(parser, value, refused)}")
     return f"{one_line(error)}; see --helpfull"
 
   def config_file_raising(self, error: BaseException) -> Optional[str]:
