@@ -372,7 +372,8 @@ class Trainer:
   def __init__(self, config: ml_collections.ConfigDict, workdir: str):
     self.config = config
     self.workdir = workdir
-    self.train_split, self.eval_split = data.load_splits(config)
+    # The notice that kNN is skipped waits for `initialize`: a refusal must be the only line.
+    self.train_split, self.eval_split, self.data_notice = data.load_splits_and_notice(config)
     n = self.train_split.num_examples
     config_validation.validate_against_data(config, n)
     self.layout = ShardLayout(n, jax.device_count())
@@ -457,6 +458,8 @@ class Trainer:
     Records the data's fingerprint in the workdir; call it holding the workdir's lock.
     """
     data.check_fingerprint(self.workdir, self.train_split, write=jax.process_index() == 0)
+    if self.data_notice:
+      log.warning("%s", self.data_notice)
     self.checkpointer = Checkpointer(self.workdir, keep=self.config.keep_checkpoints,
                                      sharded_keys=INSTANCE_SHARDED_KEYS)
     self.state = self.fresh_state()
@@ -667,10 +670,13 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
       raise ValueError(f"a JSON {type(saved).__name__}, not an object")
     config = default_config.get_config()
     config.update_from_flattened_dict(_flatten(saved))
-  except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+    # Fields it does not know, or values no run could have trained with, are damage too.
+    config_validation.validate(config)
+  except (OSError, ValueError, KeyError, TypeError, AttributeError, UserError) as e:
+    reason = str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {one_line(e)}"
     raise UserError(
-        f"{path} is damaged ({type(e).__name__}: {one_line(e)}); rerun training with the "
-        "run's command line, which writes it again, or restore it from a copy") from e
+        f"{path} is damaged ({reason}); rerun training with the run's command line, which "
+        "writes it again, or restore it from a copy") from e
   return config
 
 

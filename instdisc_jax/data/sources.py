@@ -11,6 +11,7 @@ stl10 (test), imagenet2012 (validation). stl10's `train` split is its 5,000 labe
 """
 
 from collections.abc import Sequence
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -92,16 +93,42 @@ def prepare_hint(name: str, data_dir: str) -> str:
   return f"run `{command}`"
 
 
+class _DropMessages(logging.Filter):
+  """Drops log records whose message holds `text`."""
+
+  def __init__(self, text: str):
+    super().__init__()
+    self.text = text
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return self.text not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _unprepared_quietly():
+  """Looking for an unprepared dataset, tfds warns about each version folder without
+  dataset_info.json; the DataError that follows says it better, and alone."""
+  drop = _DropMessages("has no dataset_info.json")
+  logger = logging.getLogger("absl")
+  logger.addFilter(drop)
+  try:
+    yield
+  finally:
+    logger.removeFilter(drop)
+
+
 def _tfds_builder(name: str, data_dir: str | None) -> tfds.core.DatasetBuilder:
   """The prepared builder of `name`, or a DataError saying how to prepare it."""
   try:
-    builder = tfds.builder(name, data_dir=data_dir)
+    with _unprepared_quietly():
+      builder = tfds.builder(name, data_dir=data_dir)
+      prepared = builder.is_prepared()
   except tfds.core.registered.DatasetNotFoundError as error:
     raise DataError(
         f"unknown dataset {name!r}: use a tfds name ({', '.join(EVAL_SPLITS)}, ...), "
         f"{FOLDER_PREFIX}/path/to/images or {NPZ_PREFIX}/path/file.npz") from error
   root = str(builder.data_dir_root)
-  if not builder.is_prepared():
+  if not prepared:
     raise DataError(f"dataset {name} is not prepared in {root}: {prepare_hint(name, root)}")
   if builder.info.file_format != tfds.core.FileFormat.ARRAY_RECORD:
     raise DataError(
@@ -331,14 +358,22 @@ def load_splits(
   `data_dir` ("" for `$TFDS_DATA_DIR`) and `image_size`; logs the one-line notice when kNN
   evaluation is skipped.
   """
+  train, evaluation, notice = load_splits_and_notice(config)
+  if notice:
+    log.warning("%s", notice)
+  return train, evaluation
+
+
+def load_splits_and_notice(
+    config: ml_collections.ConfigDict,
+) -> tuple[split_lib.DatasetSplit, split_lib.DatasetSplit | None, str | None]:
+  """`load_splits` without logging: (train, eval or None, the notice or None), for callers
+  that have more to check before they say anything (an error must be the only line)."""
   train, evaluation, notice = load_train_and_eval(
       config.dataset, config.eval_dataset or None, train_split=config.train_split,
       eval_split=config.eval_split or None, data_dir=config.data_dir or None,
       image_size=config.image_size)
   check_sizes(train, evaluation, config.image_size)
-  if notice:
-    log.warning("%s", notice)
-    return train, None
-  return train, evaluation
+  return train, None if notice else evaluation, notice
 
 
