@@ -705,9 +705,43 @@ def evaluator_cases(root: str) -> dict[str, tuple[list[str], list[str]]]:
   }
 
 
+def run_evaluator(argv: list[str], capfd) -> Outcome:
+  """`python -m instdisc_jax.evaluate <argv>`, in this process.
+
+  The evaluator defines flags of the names main.py defined when this module imported it
+  (--workdir, --config, the runtime flags): main's are set aside for the run, and the
+  evaluator's removed after it.
+  """
+  import instdisc_jax.evaluate as evaluate  # pylint: disable=g-import-not-at-top
+  FLAGS.unparse_flags()
+  aside = {name: FLAGS[name] for name in ("workdir", "config", *RUNTIME_FLAGS)}
+  for name in aside:
+    delattr(FLAGS, name)
+  before = set(FLAGS)
+  capfd.readouterr()
+  saved_argv = sys.argv
+  sys.argv = ["evaluate.py", *argv]
+  try:
+    with pytest.raises(SystemExit) as exit_:
+      cli.run(evaluate.main, define_flags=evaluate.define_flags)
+  finally:
+    sys.argv = saved_argv
+    FLAGS.unparse_flags()
+    for name in set(FLAGS) - before:
+      delattr(FLAGS, name)
+    for name, flag in aside.items():
+      FLAGS[name] = flag
+  out, err = capfd.readouterr()
+  return Outcome(exit_.value.code or 0, out, err)
+
+
+RUNTIME_FLAGS = ("host_devices", "verbose", "coordinator_address", "num_processes", "process_id")
+
+
 @pytest.fixture(scope="module")
-def evaluator_runs(tmp_path_factory):
-  """Every evaluator case at once: name -> (status, stderr, root, snapshot before)."""
+def evaluator_root(tmp_path_factory):
+  """The evaluator's workdirs: `trained` (config.json of the tiny npz, no checkpoint) and one
+  per `EVALUATOR_WORKDIRS`."""
   root = str(tmp_path_factory.mktemp("evaluator"))
   npz = tiny_run.write_npz(os.path.join(root, "tiny.npz"))
   os.makedirs(os.path.join(root, "trained"))
@@ -716,22 +750,29 @@ def evaluator_runs(tmp_path_factory):
     os.makedirs(os.path.join(root, name))
     if text is not None:
       write_file(root, f"{name}/config.json", text)
-  cases = evaluator_cases(root)
-  before = snapshot(root)
-  processes = {name: subprocess.Popen(
-      [sys.executable, "-m", "instdisc_jax.evaluate", *args], stdout=subprocess.PIPE,
-      stderr=subprocess.PIPE, text=True, env=tiny_run.environment(), cwd=tiny_run.REPO)
-               for name, (args, _) in cases.items()}
-  runs = {}
-  for name, process in processes.items():
-    _, stderr = process.communicate(timeout=300)
-    runs[name] = (process.returncode, stderr)
-  return runs, cases, before, snapshot(root)
+  return root
 
 
 @pytest.mark.parametrize("name", list(evaluator_cases("")))
-def test_evaluator_refuses_with_one_line(name, evaluator_runs):
-  runs, cases, before, after = evaluator_runs
-  status, stderr = runs[name]
-  assert_one_line(status, stderr, cases[name][1])
-  assert after == before
+def test_evaluator_refuses_with_one_line(name, evaluator_root, capfd, caplog):
+  args, fragments = evaluator_cases(evaluator_root)[name]
+  before = snapshot(evaluator_root)
+  with counting_compilations() as compiled:
+    outcome = run_evaluator(args, capfd)
+  assert_one_line(outcome.status, outcome.stderr, fragments)
+  assert shown_log_records(caplog) == []
+  assert outcome.stdout == ""
+  assert compiled == []
+  assert snapshot(evaluator_root) == before
+
+
+def test_evaluator_command_refuses_an_unknown_field_with_one_line(evaluator_root):
+  """End to end, `python -m instdisc_jax.evaluate`: its flags are defined as it starts, which is
+  where an unknown --config.eval field used to escape as a traceback."""
+  before = snapshot(evaluator_root)
+  args, fragments = evaluator_cases(evaluator_root)["misspelt eval field"]
+  result = subprocess.run([sys.executable, "-m", "instdisc_jax.evaluate", *args],
+                          capture_output=True, text=True, env=tiny_run.environment(),
+                          cwd=tiny_run.REPO, timeout=300)
+  assert_one_line(result.returncode, result.stderr, fragments)
+  assert snapshot(evaluator_root) == before
