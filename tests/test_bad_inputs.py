@@ -499,6 +499,23 @@ def _(root):
               patch=deny)
 
 
+@case("workdir whose lock cannot be written")
+def _(root):
+  os.makedirs(os.path.join(root, "run"))
+
+  def deny(monkeypatch, root):
+    # What a directory the user may not write to does to the lock's temp file (whatever the
+    # access check above it says, e.g. on file systems with ACLs it does not see).
+    def no_write(path, mode="r", *args, **kwargs):
+      if "w" in mode and os.path.dirname(os.path.abspath(path)) == os.path.join(root, "run"):
+        raise PermissionError(13, "Permission denied", path)
+      return open(path, mode, *args, **kwargs)
+    monkeypatch.setattr(workdir_lib, "open", no_write, raising=False)
+  return Case([npz_flag(root)], [f"cannot write the lock file of --workdir {root}/run "
+                                 "(Permission denied); give it write permission or use "
+                                 "another --workdir"], patch=deny)
+
+
 @case("workdir locked by a live run")
 def _(root):
   os.makedirs(os.path.join(root, "run"))
@@ -679,6 +696,11 @@ def evaluator_cases(root: str) -> dict[str, tuple[list[str], list[str]]]:
                              ["config.evl is not a config field; did you mean 'eval'?"]),
       "eval field given text": ([f"--workdir={trained}", "--config.eval.knn=maybe"],
                                 ["config.eval.knn='maybe': must be True or False"]),
+      "eval k of zero": ([f"--workdir={trained}", "--config.eval.knn_k=(0,)"],
+                         ["config.eval.knn_k=0: must be >= 1"]),
+      "too many retrieval queries": ([f"--workdir={trained}",
+                                      "--config.eval.retrieval_queries=100"],
+                                     ["config.eval.retrieval_queries=100: must be <= 64"]),
       "stray argument": ([f"--workdir={trained}", "stray"],
                          ["unexpected argument 'stray': flags are written --name=value"]),
       "negative --host_devices": ([f"--workdir={trained}", "--host_devices=-1"],
