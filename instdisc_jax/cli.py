@@ -7,7 +7,7 @@ import contextlib
 import logging as pylogging
 import os
 import sys
-from typing import Optional
+from typing import Callable, Optional
 
 from absl import app
 from absl import flags
@@ -29,7 +29,7 @@ EXIT_FAILURE = 1
 def define_runtime_flags() -> None:
   flags.DEFINE_integer("host_devices", 0,
                        "CPU only: XLA devices to split the host into; 0 = one per core (a "
-                       "divisor of the batch sizes), 1 = a single device.")
+                       "divisor of the batch sizes), 1 = a single device.", lower_bound=0)
   flags.DEFINE_bool("verbose", False, "Show tracebacks for errors.")
   flags.DEFINE_string("coordinator_address", None,
                       "host:port of process 0, for multi-process runs outside TPU VMs "
@@ -59,9 +59,19 @@ def configure_logging() -> None:
   pylogging.getLogger("instdisc_jax").setLevel(pylogging.INFO)
 
 
-def run(main) -> None:
+def run(main, define_flags: Optional[Callable[[list[str]], None]] = None) -> None:
+  """`app.run(main)` with every flag problem as one line, exit 2.
+
+  `define_flags(argv)`, if given, defines the program's flags first; a problem it finds with the
+  command line (a `UserError`) is one line too.
+  """
   configure_logging()
   with peers.reporting_exit():
+    if define_flags is not None:
+      try:
+        define_flags(sys.argv)
+      except UserError as e:
+        _exit(str(e), EXIT_USER_ERROR)
     app.run(main, flags_parser=_parse_flags)
 
 
@@ -154,10 +164,11 @@ def initialize_runtime() -> None:
     missing = [f"--{name} (or {DISTRIBUTED_ENV[name]})" for name, value in settings.items()
                if value is None]
     raise UserError(f"a multi-process run also needs {' and '.join(missing)}")
-  pylogging.getLogger(__name__).info(
-      "process %d of %d; %d local and %d global devices (%s)", jax.process_index(),
-      jax.process_count(), jax.local_device_count(), jax.device_count(),
-      jax.devices()[0].platform)
+  if jax.process_count() > 1:     # (one process: the trainer's first line names the devices)
+    pylogging.getLogger(__name__).info(
+        "process %d of %d; %d local and %d global devices (%s)", jax.process_index(),
+        jax.process_count(), jax.local_device_count(), jax.device_count(),
+        jax.devices()[0].platform)
 
 
 def _on_multihost_tpu() -> bool:

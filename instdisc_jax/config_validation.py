@@ -233,6 +233,10 @@ def get_field(config, dotted: str):
 def validate(config: ml_collections.ConfigDict, *, num_devices: int = 1,
              num_processes: int = 1) -> None:
   """Raises ConfigError for the first invalid field; checks that need no data."""
+  if not isinstance(config, ml_collections.ConfigDict):
+    raise ConfigError(f"the config is a {type(config).__name__}, not an ml_collections "
+                      "ConfigDict: start config files from "
+                      "instdisc_jax.default_config.get_config()")
   check_keys(config, default_config.get_config())
   for field, check in FIELDS.items():
     check(field, get_field(config, field))

@@ -21,12 +21,12 @@ import logging
 import os
 import sys
 
-from absl import app
 from absl import flags
 import ml_collections
 from ml_collections import config_flags
 
 from instdisc_jax import cli
+from instdisc_jax import flag_errors
 from instdisc_jax.evaluation import config as eval_config_lib
 
 log = logging.getLogger(__name__)
@@ -117,8 +117,7 @@ def summary_lines(results: dict) -> list[str]:
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  del argv  # cli.run refuses positional arguments.
   with cli.user_errors_exit():
     cli.require(FLAGS.workdir, "--workdir", "give the directory of a training run")
     from instdisc_jax import train  # pylint: disable=g-import-not-at-top
@@ -133,16 +132,21 @@ def main(argv):
       print("\n".join(summary_lines(results)), flush=True)
 
 
-def define_flags() -> None:
+def define_flags(argv: list[str]) -> None:
   """The program's flags; defined only when it runs, so that importing the module (tests, other
-  programs) defines none."""
+  programs) defines none.
+
+  The config flag reads its `--config.eval.<field>` overrides from `argv` as it is defined, so
+  an unknown field is refused here, as one line, before that.
+  """
   flags.DEFINE_string("workdir", None, "A workdir written by instdisc_jax.main.")
-  config_flags.DEFINE_config_dict("config", eval_config_lib.get_config(),
+  defaults = eval_config_lib.get_config()
+  flag_errors.check_overrides(argv, "config", defaults)
+  config_flags.DEFINE_config_dict("config", defaults,
                                   "Evaluation settings (--config.eval.<field>=...).",
-                                  lock_config=True)
+                                  lock_config=True, sys_argv=argv)
   cli.define_runtime_flags()
 
 
 if __name__ == "__main__":
-  define_flags()
-  sys.exit(cli.run(main))
+  sys.exit(cli.run(main, define_flags=define_flags))

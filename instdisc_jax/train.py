@@ -17,6 +17,7 @@ import os
 import time
 from typing import Any, Optional
 
+from etils import epath
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -37,10 +38,12 @@ from instdisc_jax import objectives
 from instdisc_jax import optim
 from instdisc_jax import parallel
 from instdisc_jax import sharding
+from instdisc_jax.checkpointing import CHECKPOINTS_DIR
 from instdisc_jax.checkpointing import Checkpointer
 from instdisc_jax.checkpointing import check_compatible
 from instdisc_jax.errors import NonFiniteLossError
 from instdisc_jax.errors import UserError
+from instdisc_jax.errors import one_line
 from instdisc_jax.memory_bank import MemoryBank
 from instdisc_jax.metric_writers import MetricWriter
 from instdisc_jax.parallel import AXIS
@@ -368,7 +371,8 @@ class Trainer:
   def __init__(self, config: ml_collections.ConfigDict, workdir: str):
     self.config = config
     self.workdir = workdir
-    self.train_split, self.eval_split = data.load_splits(config)
+    # The notice that kNN is skipped waits for `initialize`: a refusal must be the only line.
+    self.train_split, self.eval_split, self.data_notice = data.load_splits_and_notice(config)
     n = self.train_split.num_examples
     config_validation.validate_against_data(config, n)
     self.layout = ShardLayout(n, jax.device_count())
@@ -411,10 +415,36 @@ class Trainer:
   def check_workdir(self) -> None:
     """Refuses a workdir holding another run (other data, or a different n, d, model, ...).
 
-    Reads only, so it can run before the workdir is locked or anything is written to it.
+    Reads only, so it can run before the workdir is locked or anything is written to it. The
+    data are compared first: when only they changed, the fix is the data, not the config.
     """
-    check_compatible(self.workdir, self.meta, incompatible_fields)
     data.check_fingerprint(self.workdir, self.train_split, write=False)
+    check_compatible(self.workdir, self.meta, incompatible_fields)
+
+  def finished_results(self) -> Optional[dict]:
+    """The results of this run if it has already finished, else None. Reads only.
+
+    Finished means: `results.json` was written (the final evaluation ran) and the newest
+    checkpoint has reached `total_steps`. Rerunning such a run must neither evaluate again nor
+    write a second record of its last step into metrics.jsonl.
+    """
+    path = epath.Path(self.workdir) / RESULTS_NAME
+    checkpoints = epath.Path(self.workdir) / CHECKPOINTS_DIR
+    if not parallel.any_process(path.exists() and checkpoints.exists()):
+      return None
+    checkpointer = Checkpointer(self.workdir, keep=None, sharded_keys=INSTANCE_SHARDED_KEYS,
+                                read_only=True)
+    try:
+      latest = checkpointer.latest_step()
+    finally:
+      checkpointer.close()
+    try:
+      results = json.loads(path.read_text()) if path.exists() else {"step": latest}
+    except (OSError, ValueError):
+      results = None                          # Damaged: evaluating again rewrites it.
+    finished = (latest is not None and latest >= self.total_steps and isinstance(results, dict)
+                and results.get("step") == latest)
+    return results if parallel.any_process(finished) else None
 
   def fresh_state(self) -> TrainState:
     """The initial train state of `config.seed` (also the target a checkpoint restores into)."""
@@ -427,6 +457,8 @@ class Trainer:
     Records the data's fingerprint in the workdir; call it holding the workdir's lock.
     """
     data.check_fingerprint(self.workdir, self.train_split, write=jax.process_index() == 0)
+    if self.data_notice:
+      log.warning("%s", self.data_notice)
     self.checkpointer = Checkpointer(self.workdir, keep=self.config.keep_checkpoints,
                                      sharded_keys=INSTANCE_SHARDED_KEYS)
     self.state = self.fresh_state()
@@ -586,7 +618,7 @@ class Trainer:
       writer.write(self.step, {f"{name}/{k}": v for name in ("knn_bank", "knn_recomputed")
                                for k, v in results.get(name, {}).items()})
     if jax.process_index() == 0:
-      with open(os.path.join(self.workdir, "results.json"), "w") as f:
+      with open(os.path.join(self.workdir, RESULTS_NAME), "w") as f:
         json.dump(results, f, indent=2)
     return results
 
@@ -614,6 +646,7 @@ class _Throughput:
 
 
 CONFIG_NAME = "config.json"
+RESULTS_NAME = "results.json"           # The final kNN accuracies, written by `final_evaluation`.
 
 
 def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -629,10 +662,20 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
   if not os.path.exists(path):
     raise UserError(f"{path} not found: --workdir must be a directory written by "
                     "instdisc_jax.main")
-  with open(path) as f:
-    saved = json.load(f)
-  config = default_config.get_config()
-  config.update_from_flattened_dict(_flatten(saved))
+  try:
+    with open(path) as f:
+      saved = json.load(f)
+    if not isinstance(saved, dict):
+      raise ValueError(f"a JSON {type(saved).__name__}, not an object")
+    config = default_config.get_config()
+    config.update_from_flattened_dict(_flatten(saved))
+    # Fields it does not know, or values no run could have trained with, are damage too.
+    config_validation.validate(config)
+  except (OSError, ValueError, KeyError, TypeError, AttributeError, UserError) as e:
+    reason = str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {one_line(e)}"
+    raise UserError(
+        f"{path} is damaged ({reason}); rerun training with the run's command line, which "
+        "writes it again, or restore it from a copy") from e
   return config
 
 
@@ -657,6 +700,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                              num_processes=jax.process_count())
   trainer = Trainer(config, workdir)     # Loads the data and validates the config against it.
   trainer.check_workdir()
+  results = trainer.finished_results()
+  if results is not None:
+    log.warning("%s has already finished training (step %d of %d); its results are in %s and "
+                "nothing was written. Raise num_epochs (or num_train_steps) to train on, or run "
+                "python -m instdisc_jax.evaluate --workdir=%s for more evaluations", workdir,
+                results["step"], trainer.total_steps, RESULTS_NAME, workdir)
+    return results
   create_workdir(workdir)
   with WorkdirLock(workdir):
     save_config(config, workdir)

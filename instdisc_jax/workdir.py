@@ -37,6 +37,9 @@ def create_workdir(workdir: str) -> None:
     os.makedirs(workdir, exist_ok=True)
   except OSError as e:
     raise WorkdirError(f"cannot create --workdir {workdir}: {e.strerror or e}") from e
+  if not os.access(workdir, os.W_OK | os.X_OK):
+    raise WorkdirError(f"--workdir {workdir} is not writable by this user; give it write "
+                       "permission (chmod u+w) or use another --workdir")
 
 
 def _start_time(pid: int) -> Optional[str]:
@@ -78,8 +81,13 @@ class WorkdirLock:
     record = {"pid": os.getpid(), "host": socket.gethostname(),
               "start": _start_time(os.getpid()), "since": time.time()}
     aside = f"{self.path}.{os.getpid()}.tmp"
-    with open(aside, "w") as f:
-      json.dump(record, f)
+    try:
+      with open(aside, "w") as f:
+        json.dump(record, f)
+    except OSError as e:
+      raise WorkdirError(f"cannot write the lock file of --workdir {os.path.dirname(self.path)} "
+                         f"({e.strerror or e}); give it write permission or use another "
+                         "--workdir") from e
     try:
       for _ in range(2):
         try:

@@ -14,6 +14,7 @@ from instdisc_jax.data.sources import DEFAULT_DATASET
 from instdisc_jax.data.sources import DatasetSpec
 from instdisc_jax.data.sources import load_dataset
 from instdisc_jax.data.sources import load_splits
+from instdisc_jax.data.sources import load_splits_and_notice
 from instdisc_jax.data.sources import load_train_and_eval
 from instdisc_jax.data.split import DatasetSplit
 from instdisc_jax.data.split import check_fingerprint

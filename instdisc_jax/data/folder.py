@@ -171,13 +171,15 @@ def load_folder(
   if not os.path.isdir(root):
     raise DataError(f"{spec}: no such directory")
   paths, others = scan(root)
-  if others:
-    log.info("%s: ignored %d files that are not images (%s)",
-                 spec, len(others), split_lib.first_few(others))
+  ignored = (f"ignored {len(others)} files that are not images ({split_lib.first_few(others)})"
+             if others else "")
   num_threads = num_threads or split_lib.decode_threads()
   readable = _readable(spec, root, paths, num_threads)
-  if not readable:
-    raise DataError(f"{spec} holds no readable images (looked for {', '.join(IMAGE_EXTENSIONS)})")
+  if not readable:                         # One line: what was ignored is part of the error.
+    raise DataError(f"{spec} holds no readable images (looked for {', '.join(IMAGE_EXTENSIONS)})"
+                    f"{'; ' + ignored if ignored else ''}")
+  if ignored:
+    log.info("%s: %s", spec, ignored)
   paths, sizes, modes = (list(column) for column in zip(*readable))
   channels = max(images_lib.channels_of_mode(mode) for mode in modes)
   labels, names = folder_labels(spec, paths, class_names)

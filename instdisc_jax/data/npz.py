@@ -8,6 +8,7 @@ Instance i is row i of `images`. The fingerprint is a SHA-256 of the split's arr
 import hashlib
 import os
 import zipfile
+import zlib
 
 import numpy as np
 
@@ -18,14 +19,18 @@ from instdisc_jax.errors import DataError
 SPLIT_ARRAYS = {"train": ("images", "labels"), "test": ("test_images", "test_labels")}
 
 
-def _array_shape(archive: np.lib.npyio.NpzFile, key: str) -> tuple[int, ...]:
-  """The shape of `key` in the archive, read from its header without loading the array."""
+def _array_header(archive: np.lib.npyio.NpzFile, key: str) -> tuple[tuple[int, ...], np.dtype]:
+  """The shape and dtype of `key` in the archive, read from its header without loading it."""
   with archive.zip.open(f"{key}.npy") as f:
     version = np.lib.format.read_magic(f)
     read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
                    else np.lib.format.read_array_header_2_0)
-    shape, _, _ = read_header(f)
-  return shape
+    shape, _, dtype = read_header(f)
+  return shape, dtype
+
+
+def _array_shape(archive: np.lib.npyio.NpzFile, key: str) -> tuple[int, ...]:
+  return _array_header(archive, key)[0]
 
 
 def _check_images(spec: str, key: str, images: np.ndarray) -> np.ndarray:
@@ -60,11 +65,13 @@ def _fingerprint(images: np.ndarray, labels: np.ndarray | None) -> str:
   return digest.hexdigest()
 
 
-def load_npz(path: str, split: str = "train") -> split_lib.DatasetSplit:
-  """Loads split "train" (`images`, `labels`) or "test" (`test_images`, `test_labels`)."""
+# What reading a damaged archive member raises (a bad zip entry, a truncated or bad .npy).
+_READ_ERRORS = (OSError, EOFError, ValueError, zipfile.BadZipFile, zlib.error)
+
+
+def _open(path: str) -> np.lib.npyio.NpzFile:
+  """The archive at `path`, or a DataError naming it and what is wrong."""
   spec = f"npz:{path}"
-  if split not in SPLIT_ARRAYS:
-    raise DataError(f"{spec}: no split {split!r}; an .npz has splits {', '.join(SPLIT_ARRAYS)}")
   if not os.path.isfile(path):
     raise DataError(f"{spec}: no such file")
   try:
@@ -73,12 +80,39 @@ def load_npz(path: str, split: str = "train") -> split_lib.DatasetSplit:
     raise DataError(f"{spec} is not a readable .npz file: {error}") from error
   if not isinstance(archive, np.lib.npyio.NpzFile):
     raise DataError(f"{spec} is a single .npy array; save an .npz with np.savez(path, images=...)")
-  with archive:
+  return archive
+
+
+def _read(spec: str, archive: np.lib.npyio.NpzFile, key: str) -> np.ndarray:
+  """Array `key`; a DataError for object arrays (they would need pickle) or a damaged member."""
+  try:
+    _, dtype = _array_header(archive, key)
+    if dtype.hasobject:
+      raise DataError(
+          f"{spec}: `{key}` holds Python objects (dtype=object), which are never unpickled; "
+          f"save plain arrays, e.g. np.savez(path, {key}=np.stack(...).astype(np.uint8))")
+    return archive[key]
+  except _READ_ERRORS as error:
+    raise DataError(f"{spec}: `{key}` cannot be read ({error}); the file is damaged") from error
+
+
+def has_test_split(path: str) -> bool:
+  """Whether the archive holds `test_images`."""
+  with _open(path) as archive:
+    return SPLIT_ARRAYS["test"][0] in archive.files
+
+
+def load_npz(path: str, split: str = "train") -> split_lib.DatasetSplit:
+  """Loads split "train" (`images`, `labels`) or "test" (`test_images`, `test_labels`)."""
+  spec = f"npz:{path}"
+  if split not in SPLIT_ARRAYS:
+    raise DataError(f"{spec}: no split {split!r}; an .npz has splits {', '.join(SPLIT_ARRAYS)}")
+  with _open(path) as archive:
     image_key, label_key = SPLIT_ARRAYS[split]
     for key in sorted({"images", image_key}):
       if key not in archive.files:
         raise DataError(f"{spec} has no `{key}` array (it has: {', '.join(archive.files)})")
-    images = _check_images(spec, image_key, archive[image_key])
+    images = _check_images(spec, image_key, _read(spec, archive, image_key))
     train_shape = _array_shape(archive, "images")[1:]
     if images.shape[1:] != (train_shape if len(train_shape) == 3 else train_shape + (1,)):
       raise DataError(
@@ -89,7 +123,8 @@ def load_npz(path: str, split: str = "train") -> split_lib.DatasetSplit:
         if images_key not in archive.files:
           raise DataError(f"{spec} has `{labels_key}` but no `{images_key}`")
         num_images = _array_shape(archive, images_key)[0]
-        all_labels[labels_key] = _check_labels(spec, labels_key, archive[labels_key], num_images)
+        all_labels[labels_key] = _check_labels(spec, labels_key,
+                                               _read(spec, archive, labels_key), num_images)
   labels = all_labels.get(label_key)
   num_classes = None
   if labels is not None:

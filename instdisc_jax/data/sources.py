@@ -11,6 +11,7 @@ stl10 (test), imagenet2012 (validation). stl10's `train` split is its 5,000 labe
 """
 
 from collections.abc import Sequence
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -92,16 +93,42 @@ def prepare_hint(name: str, data_dir: str) -> str:
   return f"run `{command}`"
 
 
+class _DropMessages(logging.Filter):
+  """Drops log records whose message holds `text`."""
+
+  def __init__(self, text: str):
+    super().__init__()
+    self.text = text
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return self.text not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _unprepared_quietly():
+  """Looking for an unprepared dataset, tfds warns about each version folder without
+  dataset_info.json; the DataError that follows says it better, and alone."""
+  drop = _DropMessages("has no dataset_info.json")
+  logger = logging.getLogger("absl")
+  logger.addFilter(drop)
+  try:
+    yield
+  finally:
+    logger.removeFilter(drop)
+
+
 def _tfds_builder(name: str, data_dir: str | None) -> tfds.core.DatasetBuilder:
   """The prepared builder of `name`, or a DataError saying how to prepare it."""
   try:
-    builder = tfds.builder(name, data_dir=data_dir)
+    with _unprepared_quietly():
+      builder = tfds.builder(name, data_dir=data_dir)
+      prepared = builder.is_prepared()
   except tfds.core.registered.DatasetNotFoundError as error:
     raise DataError(
         f"unknown dataset {name!r}: use a tfds name ({', '.join(EVAL_SPLITS)}, ...), "
         f"{FOLDER_PREFIX}/path/to/images or {NPZ_PREFIX}/path/file.npz") from error
   root = str(builder.data_dir_root)
-  if not builder.is_prepared():
+  if not prepared:
     raise DataError(f"dataset {name} is not prepared in {root}: {prepare_hint(name, root)}")
   if builder.info.file_format != tfds.core.FileFormat.ARRAY_RECORD:
     raise DataError(
@@ -255,7 +282,7 @@ def load_train_and_eval(
   if parsed.kind == "tfds":
     evaluation = load(parsed.location, eval_split or EVAL_SPLITS.get(parsed.location, "test"))
   elif parsed.kind == "npz":
-    has_test = _npz_has_test(parsed.location)
+    has_test = npz_lib.has_test_split(parsed.location)
     if eval_dataset or has_test:  # Another .npz is evaluated on its test arrays, if any.
       evaluation = load(eval_dataset or dataset, "test" if has_test else "train")
   elif eval_dataset:
@@ -271,6 +298,57 @@ def load_train_and_eval(
   return train, evaluation, None
 
 
+def check_sizes(train: split_lib.DatasetSplit, evaluation: split_lib.DatasetSplit | None,
+                image_size: int) -> None:
+  """Refuses data the network would see at another size, or another kind, than it trains on.
+
+  Images held at one fixed size (npz files, tfds datasets such as CIFAR) are cropped on the
+  device when training but fed whole when evaluating, so they must already be `image_size`
+  square: otherwise training sees crops of one size and evaluation images of another. (Folders
+  and variable-size datasets are resized to `image_size` on purpose.) The eval split must have
+  the training images' channels and no classes the training labels lack: kNN predicts the labels
+  of training images, so either mismatch gives accuracies near chance and no error.
+  """
+  for role, split in (("dataset", train), ("eval_dataset", evaluation)):
+    if split is None or not split.fixed_size:
+      continue
+    height, width, _ = split.image_shape
+    if (height, width) != (image_size, image_size):
+      other = "" if split is train else (
+          f" (the training images are {train.image_shape[0]}x{train.image_shape[1]})"
+          if train.fixed_size else "")
+      fix = (f"set --config.image_size={height}" if height == width and split is train else
+             f"give {role} images of {image_size}x{image_size}")
+      raise DataError(
+          f"config.image_size={image_size}, but {split.name} holds {height}x{width} images"
+          f"{other}: {fix} (images stored at a fixed size are not resized; resize them to "
+          f"image_size x image_size)")
+  if evaluation is None:
+    return
+  if evaluation.channels != train.channels:
+    raise DataError(
+        f"the eval data {evaluation.name} has {evaluation.channels} channel(s), the training "
+        f"data {train.name} {train.channels}: give an eval_dataset of {train.channels}-channel "
+        "images")
+  if train.labelled and evaluation.labelled:
+    if evaluation.num_classes > train.num_classes:
+      raise DataError(
+          f"the eval data {evaluation.name} has labels of {evaluation.num_classes} classes, the "
+          f"training data {train.name} of {train.num_classes}: kNN predicts only training "
+          "labels; give an eval_dataset labelled like the training data")
+    if (train.class_names and evaluation.class_names
+        and tuple(train.class_names) != tuple(evaluation.class_names)):
+      raise DataError(
+          f"the eval data {evaluation.name} names its classes "
+          f"{first_names(evaluation.class_names)}, the training data {train.name} "
+          f"{first_names(train.class_names)}: give an eval_dataset labelled like the training "
+          "data")
+
+
+def first_names(names: Sequence[str], shown: int = 4) -> str:
+  return ", ".join(names[:shown]) + (", ..." if len(names) > shown else "")
+
+
 def load_splits(
     config: ml_collections.ConfigDict,
 ) -> tuple[split_lib.DatasetSplit, split_lib.DatasetSplit | None]:
@@ -280,16 +358,22 @@ def load_splits(
   `data_dir` ("" for `$TFDS_DATA_DIR`) and `image_size`; logs the one-line notice when kNN
   evaluation is skipped.
   """
+  train, evaluation, notice = load_splits_and_notice(config)
+  if notice:
+    log.warning("%s", notice)
+  return train, evaluation
+
+
+def load_splits_and_notice(
+    config: ml_collections.ConfigDict,
+) -> tuple[split_lib.DatasetSplit, split_lib.DatasetSplit | None, str | None]:
+  """`load_splits` without logging: (train, eval or None, the notice or None), for callers
+  that have more to check before they say anything (an error must be the only line)."""
   train, evaluation, notice = load_train_and_eval(
       config.dataset, config.eval_dataset or None, train_split=config.train_split,
       eval_split=config.eval_split or None, data_dir=config.data_dir or None,
       image_size=config.image_size)
-  if notice:
-    log.warning("%s", notice)
-    return train, None
-  return train, evaluation
+  check_sizes(train, evaluation, config.image_size)
+  return train, None if notice else evaluation, notice
 
 
-def _npz_has_test(path: str) -> bool:
-  with np.load(path, allow_pickle=False) as archive:
-    return "test_images" in archive.files

@@ -252,6 +252,23 @@ def _describe_change(old: dict, new: dict) -> str:
   return "; ".join(p for p in parts if p) or "the same files in another order"
 
 
+def _read_fingerprints(path: epath.Path) -> dict:
+  """The records of `path` ({} if it does not exist); a DataError if it cannot be read."""
+  if not path.exists():
+    return {}
+  try:
+    records = json.loads(path.read_text())
+    if not isinstance(records, dict) or not all(
+        isinstance(r, dict) and "fingerprint" in r for r in records.values()):
+      raise ValueError("not a map of roles to fingerprint records")
+  except (OSError, ValueError) as e:
+    raise DataError(
+        f"{path} is damaged ({type(e).__name__}: {' '.join(str(e).split())}); restore it from a "
+        "copy, or delete it if the data have not changed since the run started (the next run "
+        "records them again)") from e
+  return records
+
+
 def check_fingerprint(workdir: str, split: DatasetSplit, role: str = "train",
                       write: bool = True) -> None:
   """Checks that `split` is the data this workdir was started with; records it on first use.
@@ -262,7 +279,7 @@ def check_fingerprint(workdir: str, split: DatasetSplit, role: str = "train",
   Pass `write=False` on all processes but one.
   """
   path = epath.Path(workdir) / FINGERPRINT_FILE
-  records = json.loads(path.read_text()) if path.exists() else {}
+  records = _read_fingerprints(path)
   current = _fingerprint_record(split)
   previous = records.get(role)
   if previous is None:
