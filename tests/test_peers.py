@@ -332,8 +332,10 @@ def test_reporting_exit_without_a_watchdog_changes_nothing():
   assert raised.value.code == 3
 
 
-def test_heartbeat_rounds_use_no_private_jax_api():
-  for name in ("peers.py", "cli.py"):
-    path = os.path.join(os.path.dirname(peers.__file__), name)
-    with open(path) as f:
-      assert "_src" not in f.read(), name
+def test_the_package_uses_no_private_jax_module():
+  package = os.path.dirname(peers.__file__)
+  for directory, _, files in os.walk(package):
+    for name in files:
+      if name.endswith(".py"):
+        with open(os.path.join(directory, name)) as f:
+          assert "_src" not in f.read(), os.path.relpath(os.path.join(directory, name), package)
