@@ -50,6 +50,9 @@ FAILURE_GRACE_SECONDS = 2.0
 # How long a process failing with an uncaught exception waits for a heartbeat round, to tell
 # whether a peer died (the usual cause of an error in a collective).
 SILENCE_SECONDS = 3.0
+# How long a process ending normally waits, once `jax.distributed` is shut down, for the round
+# still waiting for the peers to end (it fails at once).
+LAST_ROUND_SECONDS = 5.0
 
 _watchdog: Optional["Watchdog"] = None
 
@@ -67,6 +70,11 @@ def meet_live_processes() -> None:
     pass
 
 
+def _shutdown_jax_distributed() -> None:
+  import jax  # pylint: disable=g-import-not-at-top
+  jax.distributed.shutdown()
+
+
 def _failed_round(error: Exception, count: int) -> str:
   failed = getattr(error, "failed_devices", None)     # multihost_utils.ProcessFailureError
   if failed:
@@ -80,19 +88,20 @@ class Watchdog:
   """Meets the other processes every `interval` s; ends this process when they stop meeting.
 
   `meet` is one heartbeat round (`meet_live_processes`); `exit_process` ends the process without
-  exit handlers.
+  exit handlers; `shutdown` is `jax.distributed.shutdown`.
   """
 
   def __init__(self, process_index: int, process_count: int, *,
                meet: Callable[[], None] = meet_live_processes,
                interval: float = INTERVAL_SECONDS, timeout: float = TIMEOUT_SECONDS,
-               exit_process=os._exit):
+               exit_process=os._exit, shutdown: Optional[Callable[[], None]] = None):
     self._index = process_index
     self._count = process_count
     self._meet = meet
     self._interval = interval
     self._timeout = timeout
     self._exit_process = exit_process
+    self._shutdown = shutdown or _shutdown_jax_distributed
     self._rounds = 0                             # heartbeat rounds completed
     self._stopped = False
     self._changed = threading.Condition()        # notified on each round and on stopping
@@ -170,11 +179,20 @@ class Watchdog:
   def finish(self, status: int) -> None:
     """Stops the heartbeat rounds as this process ends (`status` as for sys.exit).
 
-    Process 0 failing (any status but 0 and `EXIT_PREEMPTED`) while its peers run on stays until
-    their watchdogs have missed its rounds for `timeout` s and ended them with one line.
+    Ending normally (0 or `EXIT_PREEMPTED`), it shuts `jax.distributed` down. Process 0 failing
+    (any other status) while its peers run on stays until their watchdogs have missed its rounds
+    for `timeout` s and ended them with one line.
     """
-    if (status not in (0, EXIT_PREEMPTED) and self._index == 0 and not self._stopped
-        and self._peers_run_on()):
+    if status in (0, EXIT_PREEMPTED):
+      self._stop()
+      # JAX's exit handler would shut `jax.distributed` down too, but then a round still waiting
+      # for the peers (which have stopped meeting) returns while Python finalises, and the process
+      # aborts ("FATAL: exception not rethrown", exit status 134). Shutting down here, at JAX's
+      # shutdown barrier with the others, ends that round while the thread can still return.
+      self._shutdown()
+      self._threads[0].join(LAST_ROUND_SECONDS)
+      return
+    if self._index == 0 and not self._stopped and self._peers_run_on():
       self._stop()
       time.sleep(self._timeout + 2 * self._interval)
     self._stop()

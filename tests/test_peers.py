@@ -81,12 +81,16 @@ class Exits:
 def short_waits(monkeypatch):
   monkeypatch.setattr(peers, "FAILURE_GRACE_SECONDS", 0.05)
   monkeypatch.setattr(peers, "SILENCE_SECONDS", 0.2)
+  monkeypatch.setattr(peers, "LAST_ROUND_SECONDS", 1.0)
 
 
-def watchdog(rounds, index, count=2, timeout=TIMEOUT, exit_process=None):
+def watchdog(rounds, index, count=2, timeout=TIMEOUT, exit_process=None, shutdown=None):
+  """(the watchdog of process `index`, its Exits); `shutdown` stands in for
+  jax.distributed.shutdown (by default it does nothing)."""
   exits = Exits()
   dog = peers.Watchdog(index, count, meet=functools.partial(rounds.meet, index),
-                       interval=INTERVAL, timeout=timeout, exit_process=exit_process or exits)
+                       interval=INTERVAL, timeout=timeout, exit_process=exit_process or exits,
+                       shutdown=shutdown or (lambda: None))
   return dog, exits
 
 
@@ -197,14 +201,23 @@ def test_lost_coordination_service(rounds, capsys):
   assert len(err.splitlines()) == 1
 
 
-def test_errors_after_finishing_are_quiet(rounds, capsys):
-  # At a normal exit JAX shuts its client down under a round still waiting for the peers.
+def test_ending_normally_shuts_jax_down_under_the_last_round(rounds, capsys):
+  # The peer has stopped meeting; JAX's shutdown ends the round still waiting for it (with an
+  # error, quietly), so that no thread is left in JAX when Python finalises.
   r = rounds()
-  (dog, exits), = started(watchdog(r, 1))
-  time.sleep(INTERVAL)
+  shutdowns = []
+
+  def shutdown():
+    shutdowns.append(time.monotonic())
+    r.fail(RuntimeError("CANCELLED: the coordination service has shut down"))
+
+  (dog, exits), = started(watchdog(r, 1, shutdown=shutdown))
+  time.sleep(3 * INTERVAL)
+  start = time.monotonic()
   dog.finish(0)
-  r.fail(RuntimeError("ProcessFailureError: Devices failed"))
-  time.sleep(TIMEOUT + 0.2)
+  assert len(shutdowns) == 1 and time.monotonic() - start < 0.5
+  assert not any(t.is_alive() for t in dog._threads)  # pylint: disable=protected-access
+  time.sleep(TIMEOUT + 0.1)
   assert exits.status is None
   assert capsys.readouterr().err == ""
 
@@ -212,12 +225,15 @@ def test_errors_after_finishing_are_quiet(rounds, capsys):
 @pytest.mark.parametrize("index", [0, 1])
 @pytest.mark.parametrize("status", [0, peers.EXIT_PREEMPTED, 2])
 def test_finishing_stops_the_rounds_at_once(rounds, index, status):
-  # Process 0 failing waits only while its peers run on; here they do not (nobody meets it).
+  # A normal end shuts jax.distributed down (a failure leaves that to os._exit). Process 0
+  # failing waits only while its peers run on; here they do not (nobody meets it).
   r = rounds()
-  (dog, exits), = started(watchdog(r, index, timeout=5))
+  shutdown = functools.partial(r.fail, RuntimeError("CANCELLED: shut down"))
+  (dog, exits), = started(watchdog(r, index, timeout=5, shutdown=shutdown))
   start = time.monotonic()
   dog.finish(status)
   assert time.monotonic() - start < 1
+  assert (r.error is not None) == (status in (0, peers.EXIT_PREEMPTED))
   met = r.met[index]
   time.sleep(10 * INTERVAL)
   assert r.met[index] == met
@@ -317,10 +333,12 @@ def test_an_uncaught_exception_names_a_silent_peer(rounds, monkeypatch, os_exits
 
 
 def test_reporting_exit_lets_success_exit_normally(rounds, monkeypatch):
-  installed(monkeypatch, watchdog(rounds(), 1)[0])
+  r = rounds()
+  installed(monkeypatch, watchdog(r, 1, shutdown=functools.partial(r.fail, KeyError()))[0])
   with pytest.raises(SystemExit):
     with peers.reporting_exit():
       sys.exit(0)
+  assert isinstance(r.error, KeyError)            # jax.distributed was shut down
   assert peers._watchdog is None  # pylint: disable=protected-access
 
 
