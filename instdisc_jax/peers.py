@@ -21,7 +21,8 @@ have ended them; when process 0 dies, JAX aborts the others at once ("Terminatin
 the JAX distributed service detected fatal errors"), before this watchdog can say anything.
 
 All processes of a run end together (the last thing each does is collective), so one that ends
-normally simply stops meeting. docs/design.md ("Private APIs") records what JAX's other public
+normally simply stops meeting and shuts `jax.distributed` down, where JAX's shutdown barrier holds
+it until the others get there. docs/design.md ("Private APIs") records what JAX's other public
 fault-tolerance APIs do and why this watchdog does not use them.
 """
 
