@@ -106,13 +106,14 @@ class Watchdog:
     self._rounds = 0                             # heartbeat rounds completed
     self._stopped = False
     self._changed = threading.Condition()        # notified on each round and on stopping
-    self._threads = [
-        threading.Thread(target=self._meet_forever, name="instdisc-peer-rounds", daemon=True),
-        threading.Thread(target=self._watch, name="instdisc-peer-watchdog", daemon=True)]
+    self._rounds_thread = threading.Thread(target=self._meet_forever, name="instdisc-peer-rounds",
+                                           daemon=True)
+    self._watch_thread = threading.Thread(target=self._watch, name="instdisc-peer-watchdog",
+                                          daemon=True)
 
   def start(self) -> None:
-    for thread in self._threads:
-      thread.start()
+    self._rounds_thread.start()
+    self._watch_thread.start()
 
   def _stop(self) -> bool:
     """Stops meeting and watching; whether this call stopped them (False: already stopped)."""
@@ -191,7 +192,7 @@ class Watchdog:
       # aborts ("FATAL: exception not rethrown", exit status 134). Shutting down here, at JAX's
       # shutdown barrier with the others, ends that round while the thread can still return.
       self._shutdown()
-      self._threads[0].join(LAST_ROUND_SECONDS)
+      self._rounds_thread.join(LAST_ROUND_SECONDS)
       return
     if self._index == 0 and not self._stopped and self._peers_run_on():
       self._stop()

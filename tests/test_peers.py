@@ -216,7 +216,7 @@ def test_ending_normally_shuts_jax_down_under_the_last_round(rounds, capsys):
   start = time.monotonic()
   dog.finish(0)
   assert len(shutdowns) == 1 and time.monotonic() - start < 0.5
-  assert not any(t.is_alive() for t in dog._threads)  # pylint: disable=protected-access
+  assert not dog._rounds_thread.is_alive()  # pylint: disable=protected-access
   time.sleep(TIMEOUT + 0.1)
   assert exits.status is None
   assert capsys.readouterr().err == ""
