@@ -1,9 +1,10 @@
-"""The peer watchdog of multi-process runs, against an in-memory key-value store.
+"""The peer watchdog of multi-process runs, with processes played by threads.
 
 tests/test_multihost.py kills a real process; these cover every way a peer can end, in
-milliseconds.
+milliseconds. `Rounds` stands in for `multihost_utils.live_devices`: a barrier over all processes.
 """
 
+import functools
 import os
 import sys
 import threading
@@ -16,27 +17,52 @@ from instdisc_jax import peers
 INTERVAL, TIMEOUT = 0.01, 0.3
 
 
-class FakeClient:
-  """The key-value part of a `jax.distributed` client; `broken` makes every call fail."""
+class Rounds:
+  """Heartbeat rounds: `meet(p)` returns once every process has met as often as p. While `error`
+  is set, every call raises it (as JAX does once its coordination service is gone)."""
 
-  def __init__(self):
-    self.store = {}
-    self.lock = threading.Lock()
-    self.broken = False
+  def __init__(self, count):
+    self.met = [0] * count
+    self.changed = threading.Condition()
+    self.error = None
+    self.closed = False
 
-  def key_value_set(self, key, value, allow_overwrite=False):
-    with self.lock:
-      if self.broken:
-        raise RuntimeError("UNAVAILABLE: Socket closed")
-      if key in self.store and not allow_overwrite:
-        raise RuntimeError(f"ALREADY_EXISTS: {key}")
-      self.store[key] = value
+  def meet(self, process):
+    with self.changed:
+      if self.error is not None:
+        raise self.error
+      self.met[process] += 1
+      self.changed.notify_all()
+      round_ = self.met[process]
+      self.changed.wait_for(
+          lambda: self.closed or self.error is not None or min(self.met) >= round_)
+      if self.error is not None:
+        raise self.error
 
-  def key_value_dir_get(self, prefix):
-    with self.lock:
-      if self.broken:
-        raise RuntimeError("UNAVAILABLE: Socket closed")
-      return [(k, v) for k, v in sorted(self.store.items()) if k.startswith(prefix)]
+  def fail(self, error):
+    with self.changed:
+      self.error = error
+      self.changed.notify_all()
+
+  def close(self):
+    """Releases the threads still waiting for a round (at the end of a test)."""
+    with self.changed:
+      self.closed = True
+      self.changed.notify_all()
+
+
+@pytest.fixture
+def rounds():
+  """rounds(count): new `Rounds`, closed after the test."""
+  made = []
+
+  def make(count=2):
+    made.append(Rounds(count))
+    return made[-1]
+
+  yield make
+  for r in made:
+    r.close()
 
 
 class Exits:
@@ -54,15 +80,29 @@ class Exits:
 @pytest.fixture(autouse=True)
 def short_waits(monkeypatch):
   monkeypatch.setattr(peers, "FAILURE_GRACE_SECONDS", 0.05)
-  monkeypatch.setattr(peers, "FAILURE_NOTICE_SECONDS", 2.0)
   monkeypatch.setattr(peers, "SILENCE_SECONDS", 0.2)
+  monkeypatch.setattr(peers, "LAST_ROUND_SECONDS", 1.0)
 
 
-def watchdog(client, index, count=2):
+def watchdog(rounds, index, count=2, timeout=TIMEOUT, exit_process=None, shutdown=None):
+  """(the watchdog of process `index`, its Exits); `shutdown` stands in for
+  jax.distributed.shutdown (by default it does nothing)."""
   exits = Exits()
-  dog = peers.Watchdog(client, index, count, interval=INTERVAL, timeout=TIMEOUT,
-                       exit_process=exits)
+  dog = peers.Watchdog(index, count, meet=functools.partial(rounds.meet, index),
+                       interval=INTERVAL, timeout=timeout, exit_process=exit_process or exits,
+                       shutdown=shutdown or (lambda: None))
   return dog, exits
+
+
+def started(*dogs):
+  for dog, _ in dogs:
+    dog.start()
+  return dogs
+
+
+def pair(r):
+  """The watchdogs of processes 0 and 1 of 2."""
+  return watchdog(r, 0), watchdog(r, 1)
 
 
 def installed(monkeypatch, dog):
@@ -72,120 +112,155 @@ def installed(monkeypatch, dog):
   return dog
 
 
-def beat_forever(client, process, stop):
-  """A live peer: a heartbeat that keeps changing until `stop` is set."""
+def meet_forever(rounds, process, stop):
+  """A live peer without a watchdog: it meets every INTERVAL until `stop` is set."""
   def run():
-    beats = 0
     while not stop.is_set():
-      client.key_value_set(f"instdisc_peers/{process}/beat", str(beats), allow_overwrite=True)
-      beats += 1
+      rounds.meet(process)
       time.sleep(INTERVAL)
   thread = threading.Thread(target=run, daemon=True)
   thread.start()
   return thread
 
 
-def test_live_peers_keep_each_other_running():
-  client = FakeClient()
-  dogs = [watchdog(client, i) for i in range(2)]
-  for dog, _ in dogs:
-    dog.start()
+def test_live_peers_keep_each_other_running(rounds):
+  r = rounds(3)
+  dogs = started(*(watchdog(r, i, count=3) for i in range(3)))
   time.sleep(3 * TIMEOUT)
   for dog, exits in dogs:
     assert exits.status is None
     dog.finish(0)
-  assert client.store["instdisc_peers/0/end"] == client.store["instdisc_peers/1/end"] == "ok"
+  assert min(r.met) > 10
 
 
-def test_a_peer_without_heartbeat_stops_this_process(capsys):
-  client = FakeClient()
-  dog, exits = watchdog(client, 1)
+def test_a_peer_that_never_meets_stops_this_process(rounds, capsys):
   start = time.monotonic()
-  dog.start()
+  (_, exits), = started(watchdog(rounds(), 1))
   assert exits.called.wait(10)
   assert TIMEOUT <= time.monotonic() - start < TIMEOUT + 2
   assert exits.status == peers.EXIT_PEER_LOST
   err = capsys.readouterr().err
   assert err.startswith("error: process 0 of 2 stopped responding (no heartbeat for 0 s): it "
-                        "died, was killed or hangs; process 1 stops too")
+                        "failed, died, was killed or hangs; process 1 stops too")
+  assert err.endswith("restart every process to resume from the newest.\n")
   assert len(err.splitlines()) == 1
-  assert client.store["instdisc_peers/1/end"].startswith("stopped after losing a peer")
 
 
-def test_a_failed_peer_stops_this_process(capsys):
-  client = FakeClient()
+def test_a_failed_peer_stops_the_others(rounds, capsys):
+  (dog0, exits0), (dog1, exits1) = started(*pair(rounds()))
+  time.sleep(3 * INTERVAL)
+  dog1.finish(2)                                  # then os._exit(2) in a real process
+  stopped = time.monotonic()
+  assert exits0.called.wait(10)
+  assert time.monotonic() - stopped < TIMEOUT + 2
+  assert (exits0.status, exits1.status) == (peers.EXIT_PEER_LOST, None)
+  assert capsys.readouterr().err.startswith("error: process 1 of 2 stopped responding")
+
+
+def test_more_than_two_processes_name_the_candidates(rounds, capsys):
+  r = rounds(4)
+  (_, exits), = started(watchdog(r, 2, count=4))
   stop = threading.Event()
-  beat_forever(client, 1, stop)
-  dog, exits = watchdog(client, 0)
-  dog.start()
-  client.key_value_set("instdisc_peers/1/end", "failed (exit status 2; see its log)")
+  for peer in (0, 1):                             # process 3 never meets
+    meet_forever(r, peer, stop)
   try:
-    assert exits.called.wait(5)    # the peer's heartbeat goes on: only its failure stops this one
+    assert exits.called.wait(10)
   finally:
     stop.set()
-  assert exits.status == peers.EXIT_PEER_LOST
   assert capsys.readouterr().err.startswith(
-      "error: process 1 of 2 failed (exit status 2; see its log); process 0 stops too")
+      "error: one of processes 0, 1, 3 of 4 stopped responding (no heartbeat for 0 s)")
 
 
-def test_a_process_failing_itself_reports_its_own_error():
-  # All processes fail alike: the main thread ends the process within the grace period, and the
-  # watchdog does not speak for it.
-  client = FakeClient()
-  dog, exits = watchdog(client, 1)
-  dog.start()
-  client.key_value_set("instdisc_peers/0/end", "failed (exit status 1; see its log)")
-  dog.finish(1)
-  assert exits.status is None
-  assert client.store["instdisc_peers/1/end"] == "failed (exit status 1; see its log)"
+def test_a_peer_that_jax_declares_failed(rounds, capsys):
+  class Device:
+    def __init__(self, process_index):
+      self.process_index = process_index
 
+  class ProcessFailureError(Exception):           # as multihost_utils.ProcessFailureError
+    def __init__(self, failed_devices):
+      super().__init__(f"Devices failed: {failed_devices}")
+      self.failed_devices = failed_devices
 
-def test_a_finished_peer_is_no_longer_watched():
-  client = FakeClient()
-  client.key_value_set("instdisc_peers/1/end", "ok")
-  dog, exits = watchdog(client, 0)
-  dog.start()
-  time.sleep(3 * TIMEOUT)
-  dog.finish(0)
-  assert exits.status is None
-
-
-@pytest.mark.parametrize("status, end", [(0, "ok"), (peers.EXIT_PREEMPTED, "ok"),
-                                         (2, "failed (exit status 2; see its log)")])
-def test_finish_publishes_how_the_process_ended(status, end):
-  client = FakeClient()
-  dog, exits = watchdog(client, 1)
-  dog.start()
-  dog.finish(status)
-  assert client.store["instdisc_peers/1/end"] == end
-  assert exits.status is None
-
-
-def test_process_0_leaves_after_the_others_read_its_failure():
-  client = FakeClient()
-  dog, _ = watchdog(client, 0, count=3)
-  dog.start()
-
-  def others_stop():
-    time.sleep(0.3)
-    client.key_value_set("instdisc_peers/1/end", "stopped after losing a peer (...)")
-    client.key_value_set("instdisc_peers/2/end", "stopped after losing a peer (...)")
-
-  threading.Thread(target=others_stop, daemon=True).start()
-  start = time.monotonic()
-  dog.finish(2)
-  assert 0.3 <= time.monotonic() - start < peers.FAILURE_NOTICE_SECONDS
-
-
-def test_lost_coordination_service(capsys):
-  client = FakeClient()
-  dog, exits = watchdog(client, 1)
-  client.broken = True
-  dog.start()
+  r = rounds()
+  (_, exits), = started(watchdog(r, 0, timeout=60))
+  r.fail(ProcessFailureError({Device(1), Device(1)}))
   assert exits.called.wait(10)
   assert capsys.readouterr().err.startswith(
+      "error: JAX's coordination service reports process 1 of 2 failed; process 0 stops too")
+
+
+def test_lost_coordination_service(rounds, capsys):
+  r = rounds()
+  r.fail(RuntimeError("UNAVAILABLE: Socket closed\nRPC: /xla.coordination/Heartbeat"))
+  (_, exits), = started(watchdog(r, 1, timeout=60))
+  assert exits.called.wait(10)
+  err = capsys.readouterr().err
+  assert err.startswith(
       "error: lost contact with the coordination service in process 0 (RuntimeError: "
-      "UNAVAILABLE: Socket closed); process 1 stops too")
+      "UNAVAILABLE: Socket closed RPC: /xla.coordination/Heartbeat); process 1 stops too")
+  assert len(err.splitlines()) == 1
+
+
+def test_ending_normally_shuts_jax_down_under_the_last_round(rounds, capsys):
+  # The peer has stopped meeting; JAX's shutdown ends the round still waiting for it (with an
+  # error, quietly), so that no thread is left in JAX when Python finalises.
+  r = rounds()
+  shutdowns = []
+
+  def shutdown():
+    shutdowns.append(time.monotonic())
+    r.fail(RuntimeError("CANCELLED: the coordination service has shut down"))
+
+  (dog, exits), = started(watchdog(r, 1, shutdown=shutdown))
+  time.sleep(3 * INTERVAL)
+  start = time.monotonic()
+  dog.finish(0)
+  assert len(shutdowns) == 1 and time.monotonic() - start < 0.5
+  assert not dog._rounds_thread.is_alive()  # pylint: disable=protected-access
+  time.sleep(TIMEOUT + 0.1)
+  assert exits.status is None
+  assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("index", [0, 1])
+@pytest.mark.parametrize("status", [0, peers.EXIT_PREEMPTED, 2])
+def test_finishing_stops_the_rounds_at_once(rounds, index, status):
+  # A normal end shuts jax.distributed down (a failure leaves that to os._exit). Process 0
+  # failing waits only while its peers run on; here they do not (nobody meets it).
+  r = rounds()
+  shutdown = functools.partial(r.fail, RuntimeError("CANCELLED: shut down"))
+  (dog, exits), = started(watchdog(r, index, timeout=5, shutdown=shutdown))
+  start = time.monotonic()
+  dog.finish(status)
+  assert time.monotonic() - start < 1
+  assert (r.error is not None) == (status in (0, peers.EXIT_PREEMPTED))
+  met = r.met[index]
+  time.sleep(10 * INTERVAL)
+  assert r.met[index] == met
+  assert exits.status is None
+
+
+def test_process_0_failing_leaves_after_the_others_stopped(rounds, capsys):
+  (dog0, exits0), (_, exits1) = started(*pair(rounds()))
+  time.sleep(3 * INTERVAL)
+  start = time.monotonic()
+  dog0.finish(2)
+  assert time.monotonic() - start >= TIMEOUT
+  assert exits1.called.is_set()                   # before process 0 (and its service) went
+  assert (exits0.status, exits1.status) == (None, peers.EXIT_PEER_LOST)
+  assert capsys.readouterr().err.startswith("error: process 0 of 2 stopped responding")
+
+
+def test_processes_failing_alike_leave_at_once(rounds):
+  # A NaN loss or a bad dataset: every process fails at the same point; process 0 does not wait
+  # for peers that are already gone.
+  (dog0, exits0), (dog1, exits1) = started(*pair(rounds()))
+  time.sleep(3 * INTERVAL)
+  threading.Thread(target=dog1.finish, args=(2,)).start()
+  start = time.monotonic()
+  dog0.finish(2)
+  assert time.monotonic() - start < TIMEOUT
+  assert exits0.status is exits1.status is None
 
 
 class Exited(Exception):
@@ -205,18 +280,20 @@ def os_exits(monkeypatch):
   return statuses
 
 
-def test_reporting_exit_ends_a_failing_process_at_once(monkeypatch, os_exits):
-  client = FakeClient()
-  installed(monkeypatch, watchdog(client, 1)[0])
+def test_reporting_exit_ends_a_failing_process_at_once(rounds, monkeypatch, os_exits):
+  r = rounds()
+  installed(monkeypatch, watchdog(r, 1)[0])
   with pytest.raises(Exited):
     with peers.reporting_exit():
       sys.exit(2)
   assert os_exits == [2]
-  assert client.store["instdisc_peers/1/end"] == "failed (exit status 2; see its log)"
+  met = r.met[1]
+  time.sleep(10 * INTERVAL)
+  assert r.met[1] == met                          # it no longer meets its peers
 
 
-def test_reporting_exit_prints_an_exit_message(monkeypatch, os_exits, capsys):
-  installed(monkeypatch, watchdog(FakeClient(), 1)[0])
+def test_reporting_exit_prints_an_exit_message(rounds, monkeypatch, os_exits, capsys):
+  installed(monkeypatch, watchdog(rounds(), 1)[0])
   with pytest.raises(Exited):
     with peers.reporting_exit():
       sys.exit("cannot go on")
@@ -224,11 +301,11 @@ def test_reporting_exit_prints_an_exit_message(monkeypatch, os_exits, capsys):
   assert capsys.readouterr().err == "cannot go on\n"
 
 
-def test_reporting_exit_reports_an_uncaught_exception(monkeypatch, os_exits, capsys):
-  client = FakeClient()
+def test_reporting_exit_reports_an_uncaught_exception(rounds, monkeypatch, os_exits, capsys):
+  r = rounds()
   stop = threading.Event()
-  beat_forever(client, 0, stop)
-  dog, exits = watchdog(client, 1)
+  meet_forever(r, 0, stop)
+  dog, exits = watchdog(r, 1)
   installed(monkeypatch, dog)
   try:
     with pytest.raises(Exited):
@@ -243,28 +320,25 @@ def test_reporting_exit_reports_an_uncaught_exception(monkeypatch, os_exits, cap
   assert err.splitlines()[-1] == "error: RuntimeError: out of memory while allocating"
 
 
-def test_an_uncaught_exception_names_a_silent_peer(monkeypatch, os_exits, capsys):
-  # An error from a collective whose peer was killed: the peer's heartbeat has stopped.
-  client = FakeClient()
-  client.key_value_set("instdisc_peers/0/beat", "7")
-  installed(monkeypatch, peers.Watchdog(client, 1, 2, interval=INTERVAL, timeout=60,
-                                        exit_process=os._exit))
+def test_an_uncaught_exception_names_a_silent_peer(rounds, monkeypatch, os_exits, capsys):
+  # An error from a collective whose peer was killed: the peer no longer meets.
+  installed(monkeypatch, watchdog(rounds(), 1, timeout=60, exit_process=os._exit)[0])
   with pytest.raises(Exited):
     with peers.reporting_exit():
       raise RuntimeError("Gloo all-reduce failed: Connection closed by peer")
   assert os_exits == [peers.EXIT_PEER_LOST]
   assert capsys.readouterr().err.splitlines()[-1].startswith(
-      "error: process 0 of 2 stopped responding (no heartbeat for 0 s): it died, was killed or "
-      "hangs; process 1 stops too")
+      "error: process 0 of 2 stopped responding (no heartbeat for 0 s): it failed, died, was "
+      "killed or hangs; process 1 stops too")
 
 
-def test_reporting_exit_lets_success_exit_normally(monkeypatch):
-  client = FakeClient()
-  installed(monkeypatch, watchdog(client, 1)[0])
+def test_reporting_exit_lets_success_exit_normally(rounds, monkeypatch):
+  r = rounds()
+  installed(monkeypatch, watchdog(r, 1, shutdown=functools.partial(r.fail, KeyError()))[0])
   with pytest.raises(SystemExit):
     with peers.reporting_exit():
       sys.exit(0)
-  assert client.store["instdisc_peers/1/end"] == "ok"
+  assert isinstance(r.error, KeyError)            # jax.distributed was shut down
   assert peers._watchdog is None  # pylint: disable=protected-access
 
 
@@ -274,3 +348,12 @@ def test_reporting_exit_without_a_watchdog_changes_nothing():
     with peers.reporting_exit():
       sys.exit(3)
   assert raised.value.code == 3
+
+
+def test_the_package_uses_no_private_jax_module():
+  package = os.path.dirname(peers.__file__)
+  for directory, _, files in os.walk(package):
+    for name in files:
+      if name.endswith(".py"):
+        with open(os.path.join(directory, name)) as f:
+          assert "_src" not in f.read(), os.path.relpath(os.path.join(directory, name), package)
