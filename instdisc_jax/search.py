@@ -414,11 +414,15 @@ def neighbor_lines(queries: Sequence[str], neighbors: knn.Neighbors,
   return lines
 
 
-def pair_lines(pairs: Pairs, paths: Optional[Sequence[str]], threshold: float) -> list[str]:
+def pair_lines(pairs: Pairs, paths: Optional[Sequence[str]], threshold: float,
+               shown: int) -> list[str]:
+  """The console report: how many pairs, then the `shown` most similar, one per line."""
   lines = [f"{len(pairs)} pairs with cosine similarity >= {threshold}"]
-  for i, j, s in zip(pairs.first, pairs.second, pairs.similarity):
+  for i, j, s in zip(pairs.first[:shown], pairs.second[:shown], pairs.similarity[:shown]):
     where = f"  {paths[i]}  {paths[j]}" if paths else ""
     lines.append(f"  {s:.4f}  #{int(i)} #{int(j)}{where}")
+  if len(pairs) > shown:
+    lines.append(f"  ... and {len(pairs) - shown} more")
   return lines
 
 
@@ -509,7 +513,7 @@ def main(argv):
     if pairs is not None:
       write_pairs_csv(os.path.join(out, DUPLICATES_CSV), pairs, paths)
       draw_pairs(os.path.join(out, DUPLICATES_PNG), trainer, pairs, FLAGS.show_pairs)
-      print("\n".join(pair_lines(pairs, paths, FLAGS.threshold)), flush=True)
+      print("\n".join(pair_lines(pairs, paths, FLAGS.threshold, FLAGS.show_pairs)), flush=True)
       print(f"wrote {os.path.join(out, DUPLICATES_CSV)} and {DUPLICATES_PNG}", flush=True)
 
 
@@ -526,7 +530,8 @@ def define_flags() -> None:
                     "similarity >= --threshold.")
   flags.DEFINE_float("threshold", 0.95, "Cosine similarity of a near-duplicate pair, in (-1, 1].")
   flags.DEFINE_integer("max_pairs", 1_000_000, "Refuse thresholds that make more pairs.")
-  flags.DEFINE_integer("show_pairs", 16, "Most similar pairs drawn in duplicates.png.")
+  flags.DEFINE_integer("show_pairs", 16, "Most similar pairs printed and drawn in "
+                       "duplicates.png (the CSV has all).")
   flags.DEFINE_string("out", None, "Output folder (default: <workdir>/search).")
   cli.define_runtime_flags()
 
