@@ -41,7 +41,6 @@ def main() -> None:
   from instdisc_jax import default_config  # pylint: disable=g-import-not-at-top
   config = default_config.load_config_file(os.path.join(REPO, "configs", "fashion_mnist.py"))
   cli.split_cpu_into_devices((config.batch_size, config.eval_batch_size))
-  import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
 
   from instdisc_jax import search  # pylint: disable=g-import-not-at-top
