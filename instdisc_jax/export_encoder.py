@@ -128,7 +128,7 @@ with open("{ENCODER_NAME}", "rb") as f:
 params = dict(np.load("{PARAMS_NAME}"))
 
 images = np.zeros(({example_batch}, {size}, {size}, {channels}), np.uint8)   # your images
-features = np.asarray(encoder.call(params, images))       # ({example_batch}, {info['low_dim']}) float32
+features = np.asarray(encoder.call(params, images))  # float32 ({example_batch}, {info["low_dim"]})
 similarity = features @ features.T                        # cosine similarities
 ```
 

@@ -113,16 +113,22 @@ def _shard_partners(queries, query_ids, rows, row_ids, real, threshold, k, bank_
   row_ids = jnp.pad(row_ids, (0, pad), constant_values=-1).reshape(num_chunks, chunk)
   real = jnp.pad(real, (0, pad)).reshape(num_chunks, chunk)
 
+  def merge(best, best_ids, sims, partner, chunk_ids):
+    values, ids = _top_k(jnp.where(partner, sims, _NONE),
+                         jnp.broadcast_to(chunk_ids, sims.shape), k)
+    return _top_k(jnp.concatenate([best, values], axis=1),
+                  jnp.concatenate([best_ids, ids], axis=1), k)
+
   def step(carry, chunk_data):
     best, best_ids, counts = carry
     chunk_rows, chunk_ids, chunk_real = chunk_data
     sims = queries @ chunk_rows.T
     partner = (chunk_real & (chunk_ids[None, :] > query_ids[:, None])) & (sims >= threshold)
     counts = counts + jnp.sum(partner, axis=1, dtype=jnp.int32)
-    values, ids = _top_k(jnp.where(partner, sims, _NONE),
-                         jnp.broadcast_to(chunk_ids, sims.shape), k)
-    best, best_ids = _top_k(jnp.concatenate([best, values], axis=1),
-                            jnp.concatenate([best_ids, ids], axis=1), k)
+    # Near-duplicates are rare: most chunks hold none, and skip the top-k selection.
+    keep = lambda best, best_ids, *_: (best, best_ids)
+    best, best_ids = lax.cond(jnp.any(partner), merge, keep, best, best_ids, sims, partner,
+                              chunk_ids)
     return (best, best_ids, counts), None
 
   num_queries = queries.shape[0]
@@ -317,7 +323,10 @@ class Searcher:
     k = min(k, n)
     if k not in self._search:
       self._search[k] = train.pmapped(_search_step, model=trainer.model, hp=trainer.hp, k=k)
-    batch = trainer.config.eval_batch_size
+    # Global batches of at most the run's eval batch, as small as the queries allow (a whole
+    # number per device), so a few queries are not padded to a thousand.
+    devices = jax.device_count()
+    batch = min(trainer.config.eval_batch_size, -(-len(images) // devices) * devices)
     local = batch // jax.process_count()
     start = jax.process_index() * local
     found = []

@@ -150,7 +150,7 @@ def program(name, *flags, timeout=300):
 
 
 @pytest.mark.slow
-def test_search_finds_the_query_first_and_duplicates_the_planted_pairs(run, tmp_path):
+def test_search_finds_the_query_first_and_duplicates_the_planted_pairs(run, restored, tmp_path):
   root, workdir = run
   query = root / "class1" / "img003.png"
   out = tmp_path / "out"
@@ -165,8 +165,7 @@ def test_search_finds_the_query_first_and_duplicates_the_planted_pairs(run, tmp_
   first = rows[0]
   assert first["path"] == str(query) and first["class"] == "class1"
   assert float(first["similarity"]) == pytest.approx(1.0, abs=1e-5)
-  paths = search.instance_paths(train.Trainer(train.load_config(str(workdir)),
-                                              str(workdir)).train_split)
+  paths = search.instance_paths(restored[0].train_split)
   assert paths[int(first["index"])] == str(query)
   with open(out / search.DUPLICATES_CSV) as f:
     pairs = {(os.path.relpath(r["first_path"], root), os.path.relpath(r["second_path"], root))
@@ -176,6 +175,17 @@ def test_search_finds_the_query_first_and_duplicates_the_planted_pairs(run, tmp_
     with Image.open(out / picture) as image:
       assert image.size[0] > 100
   assert "2 pairs with cosine similarity >= 0.99" in result.stdout
+
+
+@pytest.mark.slow
+def test_searching_the_memory_bank_returns_the_true_top_k(restored):
+  trainer, images, features = restored
+  found = search.Searcher(trainer, "bank").nearest(images, 4)
+  bank = trainer.layout.unshard_array(parallel.to_global(trainer.state.bank.rows))
+  similarities = features @ bank.T
+  np.testing.assert_allclose(found.scores, -np.sort(-similarities, axis=1)[:, :4], atol=1e-5)
+  np.testing.assert_allclose(np.take_along_axis(similarities, found.indices, axis=1),
+                             found.scores, atol=1e-5)
 
 
 LOADER = r"""
@@ -206,35 +216,34 @@ assert not [name for name in sys.modules if name.startswith("instdisc_jax")]
 """
 
 
-def restored(workdir):
+@pytest.fixture(scope="module")
+def restored(run):
+  """The tiny run restored in this process, with 7 of its images and their `embed` features."""
+  root, workdir = run
   trainer = train.Trainer(train.load_config(str(workdir)), str(workdir))
   trainer.restore_for_evaluation()
   trainer.close()
-  return trainer
-
-
-def some_images(root, trainer, n=7):
-  files = sorted(str(p) for p in (root / "class1").glob("img*.png"))[:n]
-  return search.load_queries(files, trainer.train_split, trainer.config.image_size)
+  files = sorted(str(p) for p in (root / "class1").glob("img*.png"))[:7]
+  images = search.load_queries(files, trainer.train_split, trainer.config.image_size)
+  state = jax.tree.map(parallel.first_replica, trainer.state)
+  features = np.asarray(train.embed(state, images, model=trainer.model, hp=trainer.hp))
+  return trainer, images, features
 
 
 @pytest.mark.slow
-def test_exported_encoder_gives_embed_features_without_the_project(run, tmp_path):
-  root, workdir = run
+def test_exported_encoder_gives_embed_features_without_the_project(run, restored, tmp_path):
+  _, workdir = run
+  _, images, expected = restored
   out = tmp_path / "encoder"
   result = program("export_encoder", f"--workdir={workdir}", f"--out={out}")
   assert result.returncode == 0, result.stderr
   assert sorted(os.listdir(out)) == sorted(export_encoder.OUTPUTS)
-  trainer = restored(workdir)
-  images = some_images(root, trainer)
   np.save(tmp_path / "images.npy", images)
   loaded = subprocess.run(
       [sys.executable, "-c", LOADER, str(out), str(tmp_path / "images.npy"),
        str(tmp_path / "features.npz")], capture_output=True, text=True, cwd=tmp_path,
       env=tiny_run.environment(), timeout=300)
   assert loaded.returncode == 0, loaded.stderr
-  state = jax.tree.map(parallel.first_replica, trainer.state)
-  expected = np.asarray(train.embed(state, images, model=trainer.model, hp=trainer.hp))
   features = np.load(tmp_path / "features.npz")
   for n in (1, 7):
     np.testing.assert_allclose(features[str(n)], expected[:n], atol=1e-5)
@@ -245,18 +254,13 @@ def test_exported_encoder_gives_embed_features_without_the_project(run, tmp_path
 
 
 @pytest.mark.slow
-def test_a_fixed_batch_export_takes_that_batch_only(run):
-  root, workdir = run
-  trainer = restored(workdir)
-  images = some_images(root, trainer)
+def test_a_fixed_batch_export_takes_that_batch_only(restored):
+  trainer, images, expected = restored
   variables = export_encoder.flat_variables(trainer.state)
   exported = export_encoder.export(trainer.model, trainer.augment_config, variables,
                                    batch_size=7, channels=1, platforms=("cpu",))
   assert exported.in_avals[-1].shape == (7, 16, 16, 1)
-  state = jax.tree.map(parallel.first_replica, trainer.state)
-  np.testing.assert_allclose(exported.call(variables, images),
-                             train.embed(state, images, model=trainer.model, hp=trainer.hp),
-                             atol=1e-5)
+  np.testing.assert_allclose(exported.call(variables, images), expected, atol=1e-5)
   with pytest.raises(ValueError):
     exported.call(variables, images[:1])
 
