@@ -127,9 +127,9 @@ with open("{ENCODER_NAME}", "rb") as f:
   encoder = jax.export.deserialize(bytearray(f.read()))
 params = dict(np.load("{PARAMS_NAME}"))
 
-images = np.zeros(({example_batch}, {size}, {size}, {channels}), np.uint8)   # your images
+images = np.zeros(({example_batch}, {size}, {size}, {channels}), np.uint8)  # your images
 features = np.asarray(encoder.call(params, images))  # float32 ({example_batch}, {info["low_dim"]})
-similarity = features @ features.T                        # cosine similarities
+similarity = features @ features.T                   # cosine similarities
 ```
 
 * **Input**: uint8 `(b, {size}, {size}, {channels})`, pixel values 0-255,
