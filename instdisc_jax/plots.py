@@ -155,20 +155,19 @@ def retrieval_grid(path: str, query_images: np.ndarray, query_labels: np.ndarray
 
 def pair_grid(path: str, first_images: np.ndarray, second_images: np.ndarray,
               first_captions: Sequence[str], second_captions: Sequence[str],
-              columns: int = 4) -> tuple[int, int]:
+              title: str = "most similar pairs", columns: int = 4) -> tuple[int, int]:
   """Draws pairs of images side by side, `columns` pairs per row, and writes the PNG to `path`.
 
-  first_images, second_images: uint8 (P, H, W, C), C = 1 or 3; each image is framed in grey and
-  captioned below. The cells are the retrieval grid's. Returns the PNG's (width, height).
+  first_images, second_images: uint8 (P, H, W, C), C = 1 or 3, P >= 0; each image is framed in
+  grey and captioned below. The cells are the retrieval grid's. Returns the PNG's (width, height).
   """
   cell = GridLayout(1, 1)
   columns = max(1, min(columns, len(first_images)))
   rows = max(1, -(-len(first_images) // columns))
-  width = columns * 2 * cell.cell + (columns - 1) * cell.gap
+  width = max(320, columns * 2 * cell.cell + (columns - 1) * cell.gap)   # room for the title
   height = cell.header + rows * (cell.cell + cell.caption)
   figure = _new_figure(width, height)
-  figure.text(0.5, 1 - 4 / height, "most similar pairs of training images (cosine similarity)",
-              ha="center", va="top", fontsize=8)
+  figure.text(0.5, 1 - 4 / height, title, ha="center", va="top", fontsize=8)
   pad = 3
   for p in range(len(first_images)):
     row, column = divmod(p, columns)

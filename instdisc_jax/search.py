@@ -271,18 +271,16 @@ def load_queries(paths: Sequence[str], split, image_size: int) -> np.ndarray:
   for path in paths:
     try:
       with Image.open(path) as image:
-        mode = image.mode
-      channels = images_lib.channels_of_mode(mode)
-      if channels == split.channels:
-        images.append(images_lib.decode_box(path, channels, image_size, box))
+        channels = images_lib.channels_of_mode(image.mode)
+      if channels != split.channels:
+        raise UserError(
+            f"--query {path} is {kind[channels]} but the run was trained on "
+            f"{kind[split.channels]} images; convert it (e.g. PIL "
+            f"Image.convert('{'L' if split.channels == 1 else 'RGB'}')) or query another run")
+      images.append(images_lib.decode_box(path, channels, image_size, box))
     except images_lib.DECODE_ERRORS as error:
       raise UserError(f"--query {path} is not an image that can be read ({error}); give image "
                       "files (jpg, png, webp, ...)") from None
-    if channels != split.channels:
-      raise UserError(
-          f"--query {path} is {kind[channels]} but the run was trained on "
-          f"{kind[split.channels]} images; convert it (e.g. PIL "
-          f"Image.convert('{'L' if split.channels == 1 else 'RGB'}')) or query another run")
   return np.stack(images)
 
 
@@ -436,7 +434,10 @@ def pair_lines(pairs: Pairs, paths: Optional[Sequence[str]], threshold: float,
 
 
 def _training_images(trainer, indices: np.ndarray) -> np.ndarray:
+  """uint8 images of the training instances `indices` (any shape), as the eval pass sees them."""
   flat = np.asarray(indices).reshape(-1)
+  if not flat.size:
+    return np.zeros(np.shape(indices) + trainer.image_shape, np.uint8)
   images = features_lib.load_images(trainer.train_split, flat, trainer.config.image_size)
   return images.reshape(np.shape(indices) + images.shape[1:])
 
@@ -455,12 +456,14 @@ def draw_neighbors(path: str, trainer, images: np.ndarray, queries: Sequence[str
 
 
 def draw_pairs(path: str, trainer, pairs: Pairs, num: int) -> None:
-  """duplicates.png: the `num` most similar pairs."""
+  """duplicates.png: the `num` most similar pairs (a picture saying so when there are none)."""
   shown = min(len(pairs), num)
   first, second = pairs.first[:shown], pairs.second[:shown]
   plots.pair_grid(path, _training_images(trainer, first), _training_images(trainer, second),
                   [f"#{int(i)}" for i in first],
-                  [f"#{int(j)}  {s:.3f}" for j, s in zip(second, pairs.similarity[:shown])])
+                  [f"#{int(j)}  {s:.3f}" for j, s in zip(second, pairs.similarity[:shown])],
+                  title=(f"the {shown} most similar of {len(pairs)} pairs" if len(pairs) else
+                         "no pairs above the threshold"))
 
 
 # ------------------------------------------------------------------------------------------------

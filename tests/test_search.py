@@ -17,6 +17,7 @@ import tiny_run
 
 from instdisc_jax import export_encoder
 from instdisc_jax import parallel
+from instdisc_jax import plots
 from instdisc_jax import search
 from instdisc_jax import train
 from instdisc_jax.sharding import ShardLayout
@@ -317,3 +318,14 @@ def test_export_refuses_an_out_that_holds_an_export_and_a_workdir_without_checkp
   result = program("export_encoder", f"--workdir={empty}", f"--out={tmp_path / 'new'}")
   assert result.returncode == 2 and "has no checkpoint" in result.stderr.splitlines()[-1]
   assert not (tmp_path / "new").exists()
+
+
+def test_pair_grid_draws_pairs_and_the_empty_case(tmp_path):
+  images = np.random.default_rng(0).integers(0, 256, (5, 16, 16, 3), dtype=np.uint8)
+  size = plots.pair_grid(str(tmp_path / "pairs.png"), images, images[::-1], list("abcde"),
+                         list("vwxyz"), title="5 pairs")
+  with Image.open(tmp_path / "pairs.png") as picture:
+    assert picture.size == size == (4 * 2 * 72 + 3 * 16, 18 + 2 * (72 + 14))
+  empty = np.zeros((0, 16, 16, 1), np.uint8)
+  plots.pair_grid(str(tmp_path / "none.png"), empty, empty, [], [], title="no pairs")
+  assert os.path.exists(tmp_path / "none.png")
