@@ -113,22 +113,16 @@ def _shard_partners(queries, query_ids, rows, row_ids, real, threshold, k, bank_
   row_ids = jnp.pad(row_ids, (0, pad), constant_values=-1).reshape(num_chunks, chunk)
   real = jnp.pad(real, (0, pad)).reshape(num_chunks, chunk)
 
-  def merge(best, best_ids, sims, partner, chunk_ids):
-    values, ids = _top_k(jnp.where(partner, sims, _NONE),
-                         jnp.broadcast_to(chunk_ids, sims.shape), k)
-    return _top_k(jnp.concatenate([best, values], axis=1),
-                  jnp.concatenate([best_ids, ids], axis=1), k)
-
   def step(carry, chunk_data):
     best, best_ids, counts = carry
     chunk_rows, chunk_ids, chunk_real = chunk_data
     sims = queries @ chunk_rows.T
     partner = (chunk_real & (chunk_ids[None, :] > query_ids[:, None])) & (sims >= threshold)
     counts = counts + jnp.sum(partner, axis=1, dtype=jnp.int32)
-    # Near-duplicates are rare: most chunks hold none, and skip the top-k selection.
-    keep = lambda best, best_ids, *_: (best, best_ids)
-    best, best_ids = lax.cond(jnp.any(partner), merge, keep, best, best_ids, sims, partner,
-                              chunk_ids)
+    values, ids = _top_k(jnp.where(partner, sims, _NONE),
+                         jnp.broadcast_to(chunk_ids, sims.shape), k)
+    best, best_ids = _top_k(jnp.concatenate([best, values], axis=1),
+                            jnp.concatenate([best_ids, ids], axis=1), k)
     return (best, best_ids, counts), None
 
   num_queries = queries.shape[0]
