@@ -110,7 +110,9 @@ def _name(label: int, class_names: Optional[Sequence[str]]) -> str:
 def retrieval_grid(path: str, query_images: np.ndarray, query_labels: np.ndarray,
                    neighbor_images: np.ndarray, neighbor_labels: np.ndarray,
                    similarities: np.ndarray,
-                   class_names: Optional[Sequence[str]] = None) -> GridLayout:
+                   class_names: Optional[Sequence[str]] = None, *,
+                   title: Optional[str] = None,
+                   query_captions: Optional[Sequence[str]] = None) -> GridLayout:
   """Draws each query (left) with its neighbours, best first, and writes the PNG to `path`.
 
   Args:
@@ -121,6 +123,8 @@ def retrieval_grid(path: str, query_images: np.ndarray, query_labels: np.ndarray
     neighbor_labels: (Q, k) int labels; -1 when unknown.
     similarities: (Q, k) cosine similarities, shown when labels are unknown.
     class_names: names of the labels, when known.
+    title: the neighbours' column title (default: the top-k and what the frames mean).
+    query_captions: captions of the queries (default: their class names).
 
   Neighbours of the query's class get a green frame, others red; grey when a label is unknown.
   Returns the layout (its `size` is the PNG's size in pixels).
@@ -132,12 +136,13 @@ def retrieval_grid(path: str, query_images: np.ndarray, query_labels: np.ndarray
   figure.text((layout.cell / 2) / width, 1 - 4 / height, "query", ha="center", va="top",
               fontsize=8)
   figure.text((layout.gap + layout.cell * (1 + k / 2)) / width, 1 - 4 / height,
-              f"top-{k} nearest training images (green: same class, red: other class)",
+              title or f"top-{k} nearest training images (green: same class, red: other class)",
               ha="center", va="top", fontsize=8)
   for row in range(num_queries):
     query_label = int(query_labels[row])
-    _draw_cell(figure, layout.box(row, 0), query_images[row], QUERY,
-               _name(query_label, class_names), "black")
+    caption = (query_captions[row] if query_captions is not None
+               else _name(query_label, class_names))
+    _draw_cell(figure, layout.box(row, 0), query_images[row], QUERY, caption, "black")
     for column in range(k):
       label = int(neighbor_labels[row, column])
       colour = _frame_colour(query_label, label)
@@ -146,6 +151,35 @@ def retrieval_grid(path: str, query_images: np.ndarray, query_labels: np.ndarray
                  caption, colour if colour != NO_LABEL else "black")
   _save(figure, path)
   return layout
+
+
+def pair_grid(path: str, first_images: np.ndarray, second_images: np.ndarray,
+              first_captions: Sequence[str], second_captions: Sequence[str],
+              title: str = "most similar pairs", columns: int = 4) -> tuple[int, int]:
+  """Draws pairs of images side by side, `columns` pairs per row, and writes the PNG to `path`.
+
+  first_images, second_images: uint8 (P, H, W, C), C = 1 or 3, P >= 0; each image is framed in
+  grey and captioned below. The cells are the retrieval grid's. Returns the PNG's (width, height).
+  """
+  cell = GridLayout(1, 1)
+  columns = max(1, min(columns, len(first_images)))
+  rows = max(1, -(-len(first_images) // columns))
+  width = max(320, columns * 2 * cell.cell + (columns - 1) * cell.gap)   # room for the title
+  height = cell.header + rows * (cell.cell + cell.caption)
+  figure = _new_figure(width, height)
+  figure.text(0.5, 1 - 4 / height, title, ha="center", va="top", fontsize=8)
+  pad = 3
+  for p in range(len(first_images)):
+    row, column = divmod(p, columns)
+    top = cell.header + row * (cell.cell + cell.caption)
+    for side, (images, captions) in enumerate(((first_images, first_captions),
+                                               (second_images, second_captions))):
+      left = column * (2 * cell.cell + cell.gap) + side * cell.cell
+      box = [(left + pad) / width, 1 - (top + cell.cell - pad) / height,
+             (cell.cell - 2 * pad) / width, (cell.cell - 2 * pad) / height]
+      _draw_cell(figure, box, images[p], NO_LABEL, captions[p], "black")
+  _save(figure, path)
+  return width, height
 
 
 # ------------------------------------------------------------------------------------------------
