@@ -1,0 +1,150 @@
+"""What a user sees when checkpoints are damaged: the warning and the error, nothing else.
+
+Real runs (`python -m instdisc_jax.main` / `python -m instdisc_jax.evaluate` on configs/tiny.py,
+8 fake CPU devices) on a workdir whose checkpoints (steps 9 and 12) are damaged on disk. A failed
+read used to be followed by hundreds of orbax/asyncio "Event loop is closed" tracebacks; now
+stderr holds the program's own log lines (absl INFO records, "I<date> ..."), one warning per
+damaged checkpoint and, when nothing can be read, one error line, last.
+"""
+
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+import tiny_run
+
+pytestmark = pytest.mark.slow
+
+INFO = re.compile(r"^I\d{4} ")
+NOISE = ("Traceback", "Exception ignored", "Error:", "Warning:", "RuntimeError")
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+  return tiny_run.environment(
+      JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("xla_cache")),
+      JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+      JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+
+
+@pytest.fixture(scope="module")
+def flags(tmp_path_factory):
+  npz = tiny_run.write_npz(tmp_path_factory.mktemp("data") / "tiny.npz")
+  return [f"--config.dataset=npz:{npz}", "--config.num_epochs=3",
+          "--config.checkpoint_every_steps=3"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, flags, env):
+  """A finished run with checkpoints 9 and 12."""
+  workdir = str(tmp_path_factory.mktemp("trained") / "run")
+  finished = tiny_run.run_main(workdir, *flags, env=env)
+  assert finished.returncode == 0, finished.stderr
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["12", "9"]
+  return workdir
+
+
+@pytest.fixture
+def workdir(trained, tmp_path):
+  copy = str(tmp_path / "run")
+  shutil.copytree(trained, copy)
+  return copy
+
+
+# -- damage --------------------------------------------------------------------------------------
+
+
+def checkpoint(workdir, step: int) -> str:
+  return os.path.join(workdir, "checkpoints", str(step))
+
+
+def truncate_largest_chunk(workdir, step: int) -> None:
+  """Halves the largest data file of the state (tensorstore fails reading it)."""
+  chunks = os.path.join(checkpoint(workdir, step), "state", "ocdbt.process_0", "d")
+  path = max((os.path.join(chunks, name) for name in os.listdir(chunks)), key=os.path.getsize)
+  with open(path, "rb") as f:
+    content = f.read()
+  with open(path, "wb") as f:
+    f.write(content[:len(content) // 2])
+
+
+def delete_state_index(workdir, step: int) -> None:
+  os.remove(os.path.join(checkpoint(workdir, step), "state", "manifest.ocdbt"))
+
+
+# -- what is printed -----------------------------------------------------------------------------
+
+
+def evaluate(workdir, env) -> subprocess.CompletedProcess:
+  """The evaluator with every evaluation switched off: it restores and writes its results."""
+  off = ["--config.eval.knn=False", "--config.eval.linear_probe=False",
+         "--config.eval.semi_supervised_fractions=()", "--config.eval.export=False",
+         "--config.eval.retrieval_grid=False", "--config.eval.curves=False"]
+  return subprocess.run([sys.executable, "-m", "instdisc_jax.evaluate", f"--workdir={workdir}",
+                         *off], capture_output=True, text=True, env=env, cwd=tiny_run.REPO,
+                        timeout=300)
+
+
+def messages(stderr: str) -> list[str]:
+  """stderr without the program's INFO log records; asserts that nothing else is noise."""
+  for noise in NOISE:
+    assert noise not in stderr, stderr
+  return [line for line in stderr.splitlines() if not INFO.match(line)]
+
+
+def unreadable_warning(workdir, step: int, then: str) -> re.Pattern:
+  return re.compile(rf"^W\d{{4}} .* checkpoint {re.escape(checkpoint(workdir, step))} is "
+                    rf"unreadable \(.+\); .*{re.escape(then)}$")
+
+
+def hashes(directory) -> dict:
+  """{path: sha256} of every file under `directory`."""
+  found = {}
+  for root, _, names in os.walk(directory):
+    for name in names:
+      path = os.path.join(root, name)
+      with open(path, "rb") as f:
+        found[path] = hashlib.sha256(f.read()).hexdigest()
+  return found
+
+
+# -- the tests -----------------------------------------------------------------------------------
+
+
+def test_training_falls_back_past_a_damaged_newest_checkpoint_with_one_warning(workdir, flags,
+                                                                                env):
+  truncate_largest_chunk(workdir, 12)
+  rerun = tiny_run.run_main(workdir, *flags, env=env)
+  assert rerun.returncode == 0, rerun.stderr
+  (warning,) = messages(rerun.stderr)
+  assert unreadable_warning(workdir, 12, "restoring the previous one (step 9)").match(warning)
+  assert "resumed from the checkpoint of step 9" in rerun.stderr
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["12", "9"]
+  assert os.listdir(os.path.join(workdir, "unreadable_checkpoints")) == ["12"]
+
+
+def test_evaluator_falls_back_past_a_damaged_newest_checkpoint_with_one_warning(workdir, env):
+  delete_state_index(workdir, 12)
+  evaluated = evaluate(workdir, env)
+  assert evaluated.returncode == 0, evaluated.stderr
+  (warning,) = messages(evaluated.stderr)
+  assert unreadable_warning(workdir, 12, "restoring the previous one (step 9)").match(warning)
+  assert evaluated.stdout.splitlines()[0] == "checkpoint of step 9"
+
+
+def test_evaluator_with_every_checkpoint_damaged_says_so_in_one_line(workdir, env):
+  truncate_largest_chunk(workdir, 12)
+  delete_state_index(workdir, 9)
+  before = hashes(workdir)
+  evaluated = evaluate(workdir, env)
+  assert evaluated.returncode == 2, evaluated.stderr
+  first, second, error = messages(evaluated.stderr)
+  assert unreadable_warning(workdir, 12, "restoring the previous one (step 9)").match(first)
+  assert unreadable_warning(workdir, 9, "no older checkpoint").match(second)
+  assert error == f"error: no checkpoint of {workdir} could be read (see the warnings above)"
+  assert evaluated.stdout == ""
+  assert hashes(workdir) == before
