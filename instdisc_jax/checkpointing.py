@@ -73,6 +73,7 @@ UNREADABLE_DIR = "unreadable_checkpoints"
 ITEMS = ("state", "data", "meta", "integrity")
 _MAX_REASON = 300
 WRITE_DELAY_ENV = "INSTDISC_TEST_CHECKPOINT_WRITE_DELAY_S"
+_DELETION_GRACE_S = 2.0
 
 
 def _is_instance_sharded(path, sharded_keys) -> bool:
@@ -382,8 +383,20 @@ class Checkpointer:
       self._set_aside(step, problem, steps[-2] if len(steps) > 1 else None)
 
   def _vanished(self, step: int) -> bool:
-    """Whether checkpoint `step` no longer exists (on any process's view)."""
-    return parallel.any_process(not (epath.Path(self.directory) / str(step)).exists())
+    """Whether checkpoint `step` no longer exists (on any process's view).
+
+    A reader may catch the run's deletion of a checkpoint half done (its directory still there,
+    its files partly gone). Deletion (`keep`) only ever takes checkpoints older than the newest,
+    so a reader gives one that is no longer the newest `_DELETION_GRACE_S` to disappear before
+    calling it unreadable.
+    """
+    path = epath.Path(self.directory) / str(step)
+    self.manager.reload()
+    newer = self.read_only and any(other > step for other in self.all_steps())
+    deadline = time.monotonic() + (_DELETION_GRACE_S if newer else 0.0)
+    while path.exists() and time.monotonic() < deadline:
+      time.sleep(0.05)
+    return parallel.any_process(not path.exists())
 
   def _read(self, step: int, meta: dict, compatible, abstract):
     """(restored items, None) or (None, why checkpoint `step` cannot be used).

@@ -11,8 +11,10 @@ import hashlib
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import tiny_run
@@ -150,3 +152,36 @@ def test_evaluator_with_every_checkpoint_damaged_says_so_in_one_line(workdir, en
   assert error == f"error: no checkpoint of {workdir} could be read (see the warnings above)"
   assert evaluated.stdout == ""
   assert hashes(workdir) == before
+
+
+def test_evaluating_a_run_that_is_still_training(tmp_path, env):
+  """The run saves every 2 steps and keeps 2, so checkpoints live well under a second; the
+  evaluator, restoring meanwhile, must read the newest that exists when it reads, and never
+  say there is none or warn about one the run deleted."""
+  npz = tiny_run.write_npz(tmp_path / "tiny.npz")
+  workdir = str(tmp_path / "training")
+  command = tiny_run.main_command(
+      workdir, f"--config.dataset=npz:{npz}", "--config.num_epochs=10000",
+      "--config.checkpoint_every_steps=2", "--config.keep_checkpoints=2",
+      "--config.eval_every_epochs=0")
+  training = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              env=env, cwd=tiny_run.REPO, text=True)
+  directory = os.path.join(workdir, "checkpoints")
+  try:
+    deadline = time.monotonic() + 180
+    while not (os.path.isdir(directory) and any(n.isdigit() for n in os.listdir(directory))):
+      assert training.poll() is None, training.stderr.read()
+      assert time.monotonic() < deadline, "no checkpoint written in 180 s"
+      time.sleep(0.05)
+    listed = max(int(n) for n in os.listdir(directory) if n.isdigit())
+    evaluated = evaluate(workdir, env)
+    assert evaluated.returncode == 0, evaluated.stderr
+    assert messages(evaluated.stderr) == []
+    step = int(evaluated.stdout.splitlines()[0].removeprefix("checkpoint of step "))
+    assert step >= listed
+    assert training.poll() is None
+    # While the evaluator ran, the run went on saving and deleting what it had listed.
+    assert listed not in [int(n) for n in os.listdir(directory) if n.isdigit()]
+  finally:
+    training.send_signal(signal.SIGTERM)
+    assert training.wait(timeout=120) == 75, training.stderr.read()
