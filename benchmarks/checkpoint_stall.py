@@ -73,12 +73,10 @@ SIZES = {
 }
 
 
-def random_like(key, shapes) -> dict:
-  """Random float32 arrays of the shapes of a pytree of ShapeDtypeStructs."""
-  leaves, treedef = jax.tree.flatten(shapes)
-  keys = jax.random.split(key, len(leaves))
-  return jax.tree.unflatten(treedef, [jax.random.normal(k, s.shape, jnp.float32)
-                                      for k, s in zip(keys, leaves)])
+def random_like(rng: np.random.Generator, shapes) -> dict:
+  """Random float32 host arrays of the shapes of a pytree of ShapeDtypeStructs (made on the
+  host: one compile per leaf shape would take minutes)."""
+  return jax.tree.map(lambda s: rng.standard_normal(s.shape, np.float32), shapes)
 
 
 def make_state(size: Size) -> dict:
@@ -88,15 +86,14 @@ def make_state(size: Size) -> dict:
   variables = jax.eval_shape(
       lambda: model.init(jax.random.key(0), jnp.zeros((1, size.image_size, size.image_size, 3)),
                          train=False))
-  key = jax.random.key(1)
-  params = random_like(jax.random.fold_in(key, 0), variables["params"])
-  network = {"params": params, "batch_stats": random_like(jax.random.fold_in(key, 1),
-                                                          variables["batch_stats"]),
-             "momentum": jax.tree.map(jnp.zeros_like, params)}
-  network = parallel.replicate(jax.device_get(network))
+  rng = np.random.default_rng(0)
+  params = random_like(rng, variables["params"])
+  network = parallel.replicate({
+      "params": params, "batch_stats": random_like(rng, variables["batch_stats"]),
+      "momentum": random_like(rng, variables["params"])})
   layout = ShardLayout(size.num_instances, jax.device_count())
   shape = (jax.local_device_count(), layout.rows_per_shard, size.low_dim)
-  rows = np.random.default_rng(0).standard_normal(shape, np.float32)
+  rows = rng.standard_normal(shape, np.float32)
   return dict(network, rows=parallel.shard_local_rows(rows))
 
 
