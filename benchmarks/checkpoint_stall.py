@@ -68,7 +68,7 @@ class Size:
 
 
 SIZES = {
-    "full": Size(1_281_167, 128, "resnet50", 224, 1024, 8, saves=3, max_every=10_000),
+    "full": Size(1_281_167, 128, "resnet50", 224, 512, 2, saves=3, max_every=10_000),
     "quick": Size(10_000, 16, "small_resnet", 16, 64, 1, saves=2, max_every=20),
 }
 
