@@ -139,6 +139,7 @@ def timed_run(state, step, *, num_steps: int, every: int, directory: str,
   for t in range(num_steps):
     state = step(state, steps_arg(t))
     if checkpointer is not None and (t + 1) % every == 0:
+      jax.block_until_ready(state)         # Not to count queued steps as the save's own time.
       began = time.perf_counter()
       checkpointer.save(t + 1, state, {"step": t + 1}, META)
       in_save.append(time.perf_counter() - began)
