@@ -17,10 +17,9 @@ is measured is wall-clock time over a run of steps:
 
   lost per save = (time of S steps with a save every K steps - time of S steps without) / saves
 
-(each kind of run repeated in turns, the fastest of each kind compared)
-
 for synchronous saves (orbax waits for the write) and asynchronous ones (the default: the write
-overlaps the next steps). K is chosen so that the steps between two saves take longer than one
+overlaps the next steps). The three kinds of run (no saves, synchronous, asynchronous) take
+turns, and each kind's fastest round is compared. K is chosen so that the steps between two saves take longer than one
 synchronous write, as in a real run, where saves are minutes apart; the final save's write is
 waited for inside the timed window, so no write is left uncounted. The time spent inside the
 `save` call itself (the training thread's part) is reported too.
