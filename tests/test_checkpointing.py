@@ -260,8 +260,8 @@ def test_checksums_do_not_depend_on_the_layout():
 
 @pytest.fixture
 def slow_writes(monkeypatch):
-  """Every save's background part takes at least a second (the test-only hook)."""
-  monkeypatch.setenv(checkpointing.WRITE_DELAY_ENV, "1")
+  """Every save's background part takes at least 2 s (the test-only hook)."""
+  monkeypatch.setenv(checkpointing.WRITE_DELAY_ENV, "2")
 
 
 def test_save_returns_while_the_checkpoint_is_written(tmp_path, slow_writes):
