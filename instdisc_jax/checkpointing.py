@@ -15,17 +15,44 @@ to `<step>` when every item is written (on object stores, where there is no rena
 writer removes temporary directories left by a killed run when it starts. Old checkpoints are
 deleted only after a newer one is finalised.
 
+Asynchronous saves: `save` returns once the state is safe from the train step that follows it,
+and the checkpoint is written while training goes on. The train step donates its input state, so
+the state's buffers are reused by the next step: `save` first makes its own device copy of every
+leaf (in one compiled function that also computes the leaf checksums and finiteness flags), checks
+the flags on the host, and hands the copy to orbax, which moves it to host memory before
+`save` returns and writes it from a background thread. The cost of a save on the training thread
+is one copy of the state on the device, its checksums, and the device-to-host transfer; the
+write itself overlaps the following steps. At most one save is in flight: the next `save` (and
+`wait_until_finished`, `close`) waits for it, and an error of the background write is raised
+there. A killed process leaves the in-flight checkpoint as a temporary directory, which is never
+restored and is removed by the next writer, so a run resumes from the last finalised one.
+
 Corruption: tensorstore detects damaged or missing index files, but a damaged data chunk can be
 read back silently, so `restore` compares every leaf with its checksum. A checkpoint that cannot
 be read or fails the comparison is reported in a warning that names it, moved to
 `<workdir>/unreadable_checkpoints/`, and the previous one is restored. A state holding NaN or
 infinite values is never written.
+
+Quiet fallback: when one read of a restore fails, orbax abandons the checkpoint's other reads and
+closes its event loop; tensorstore then completes those reads and cannot deliver them to the
+closed loop, and Python prints each such "Event loop is closed" error (hundreds for a large
+state). They carry no information (the failure is already reported in the warning), so a
+`Checkpointer` drops exactly these from `sys.unraisablehook` and passes everything else on.
+
+Test hook: with the environment variable `INSTDISC_TEST_CHECKPOINT_WRITE_DELAY_S` set to a number
+of seconds, the background part of every save first sleeps that long, so tests can act (e.g.
+SIGKILL the process) while a save is reliably in flight. It is for tests only; never set it in a
+real run.
 """
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
+import json
 import logging
 import os
+import sys
 import time
 from typing import Any, Callable, Optional
 
@@ -45,6 +72,8 @@ CHECKPOINTS_DIR = "checkpoints"
 UNREADABLE_DIR = "unreadable_checkpoints"
 ITEMS = ("state", "data", "meta", "integrity")
 _MAX_REASON = 300
+WRITE_DELAY_ENV = "INSTDISC_TEST_CHECKPOINT_WRITE_DELAY_S"
+_DELETION_GRACE_S = 2.0
 
 
 def _is_instance_sharded(path, sharded_keys) -> bool:
@@ -111,6 +140,18 @@ def _checksums_and_finiteness(leaves):
   return jnp.stack(sums), jnp.stack(finite)    # Two arrays: two transfers to the host.
 
 
+@jax.jit
+def _snapshot_and_inspect(leaves):
+  """(a fresh copy of every leaf, their checksums, their finiteness) in one compiled function.
+
+  The copies are new buffers (a compiled function's outputs never alias its non-donated
+  inputs), so the next train step, which donates the state, cannot overwrite what a save is
+  still writing.
+  """
+  sums, finite = _checksums_and_finiteness(leaves)
+  return [jnp.copy(x) for x in leaves], sums, finite
+
+
 def _host(x: jax.Array) -> np.ndarray:
   """A replicated (possibly multi-process) array on the host."""
   return np.asarray(x.addressable_data(0))
@@ -124,6 +165,83 @@ def inspect_leaves(tree) -> tuple[dict[str, int], list[str]]:
   sums, finite = _host(sums), _host(finite)
   checksums = {name: int(s) for name, s in zip(names, sums)}
   return checksums, [name for name, ok in zip(names, finite) if not ok]
+
+
+def snapshot_and_inspect(tree) -> tuple[Any, dict[str, int], list[str]]:
+  """(a device copy of `tree`, checksum of every leaf, names of the leaves holding NaN or inf).
+
+  Waits for `tree`'s values to be computed (the checksums come to the host), not for more.
+  """
+  flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
+  names = [leaf_name(path) for path, _ in flat]
+  copies, sums, finite = _snapshot_and_inspect([leaf for _, leaf in flat])
+  sums, finite = _host(sums), _host(finite)
+  checksums = {name: int(s) for name, s in zip(names, sums)}
+  return (jax.tree_util.tree_unflatten(treedef, copies), checksums,
+          [name for name, ok in zip(names, finite) if not ok])
+
+
+# -- quiet fallback --------------------------------------------------------------------------------
+
+
+def _is_abandoned_read_callback(unraisable) -> bool:
+  """Whether an unraisable exception is tensorstore failing to deliver an abandoned read to the
+  closed event loop of a failed orbax restore (see the module doc)."""
+  error = unraisable.exc_value
+  if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"):
+    return False
+  frames = []
+  traceback = unraisable.exc_traceback
+  while traceback is not None:
+    frames.append(traceback.tb_frame.f_code.co_name)
+    traceback = traceback.tb_next
+  return "_check_closed" in frames and "call_soon_threadsafe" in frames
+
+
+def _install_quiet_fallback() -> None:
+  """Wraps `sys.unraisablehook` (once) to drop abandoned-read callbacks and pass on the rest."""
+  previous = sys.unraisablehook
+  if getattr(previous, "instdisc_quiet_fallback", False):
+    return
+
+  def hook(unraisable):
+    if not _is_abandoned_read_callback(unraisable):
+      previous(unraisable)
+
+  hook.instdisc_quiet_fallback = True
+  sys.unraisablehook = hook
+
+
+# -- the test hook ---------------------------------------------------------------------------------
+
+
+class _IntegrityHandler(ocp.JsonCheckpointHandler):
+  """The `integrity` item's handler: orbax's JSON handler, plus the test-only write delay.
+
+  With `WRITE_DELAY_ENV` set, a save's background part sleeps that many seconds before the
+  checkpoint can be finalised (see the module doc); otherwise it is the plain JSON handler.
+  """
+
+  async def async_save(self, directory, item=None, args=None):
+    futures = list(await super().async_save(directory, item, args) or [])
+    delay = float(os.environ.get(WRITE_DELAY_ENV) or 0)
+    if delay > 0:
+      futures.append(ocp.future.CommitFutureAwaitingContractedSignals(
+          asyncio.sleep(delay), name="instdisc_test_write_delay"))
+    return futures
+
+
+@ocp.args.register_with_handler(_IntegrityHandler, for_save=True)
+@dataclasses.dataclass
+class _IntegritySave(ocp.args.JsonSave):
+  """`JsonSave` for the `integrity` item (its handler is `_IntegrityHandler`)."""
+
+
+@ocp.args.register_with_handler(_IntegrityHandler, for_restore=True)
+@dataclasses.dataclass
+class _IntegrityRestore(ocp.args.JsonRestore):
+  """`JsonRestore` for the `integrity` item (what it writes is plain JSON: any reader's
+  `JsonRestore` reads it too)."""
 
 
 # -- agreement between processes -----------------------------------------------------------------
@@ -164,33 +282,42 @@ class Checkpointer:
   A writer (the default) creates the directory, removes temporary directories of unfinished
   saves and moves unreadable checkpoints aside; with `read_only=True` it does none of these (for
   checks before a run starts, and for evaluators) and must not `save`. (Orbax's own read-only
-  mode is not used: it logs warnings on every start.)
+  mode is not used: it logs warnings on every start.) Saves are asynchronous unless
+  `asynchronous=False` (see the module doc).
   """
 
   def __init__(self, workdir: str, *, keep: Optional[int], sharded_keys,
-               read_only: bool = False):
+               read_only: bool = False, asynchronous: bool = True):
     self.workdir = absolute_path(workdir)
     self.directory = os.path.join(self.workdir, CHECKPOINTS_DIR)
     self.sharded_keys = tuple(sharded_keys)
     self.read_only = read_only
+    _install_quiet_fallback()
     self.manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(
             max_to_keep=None if read_only else keep, create=not read_only,
-            cleanup_tmp_directories=not read_only, enable_async_checkpointing=False),
-        item_names=ITEMS)
+            cleanup_tmp_directories=not read_only,
+            enable_async_checkpointing=asynchronous and not read_only),
+        item_names=ITEMS, item_handlers={"integrity": _IntegrityHandler()})
 
   def latest_step(self) -> Optional[int]:
+    """The newest checkpoint's step, counting one whose asynchronous save is in flight."""
     return self.manager.latest_step()
 
   def all_steps(self) -> list[int]:
     return sorted(self.manager.all_steps())
 
   def save(self, step: int, state, data_state: dict, meta: dict) -> None:
-    """Writes checkpoint `step`, unless the state holds NaN or inf (NonFiniteLossError)."""
+    """Starts writing checkpoint `step`, unless the state holds NaN or inf (NonFiniteLossError).
+
+    Returns once `state` may be changed or donated; the write goes on in the background (waits
+    first for a save still in flight, raising its error if it failed).
+    """
     saved = for_saving(state, self.sharded_keys)
-    checksums, nonfinite = inspect_leaves(saved)
+    snapshot, checksums, nonfinite = snapshot_and_inspect(saved)
     if nonfinite:
+      self.manager.wait_until_finished()      # So that "kept" names a finalised checkpoint.
       last = self.latest_step()
       kept = (f"the last checkpoint (step {last}) is kept" if last is not None
               else "no checkpoint was written")
@@ -198,11 +325,18 @@ class Checkpointer:
       raise NonFiniteLossError(
           f"the train state after step {step} holds NaN or infinite values ({shown}), so it "
           f"is not checkpointed; {kept}; lower learning_rate or raise temperature, then rerun")
+    # JSON items are encoded in the background; a value that cannot be encoded must fail here,
+    # on the caller's thread, before anything is written.
+    json.dumps(data_state)
+    json.dumps(meta)
     self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(saved),
+        state=ocp.args.StandardSave(snapshot),
         data=ocp.args.JsonSave(data_state),
         meta=ocp.args.JsonSave(meta),
-        integrity=ocp.args.JsonSave({"checksums": checksums})), force=True)
+        integrity=_IntegritySave({"checksums": checksums})), force=True)
+
+  def wait_until_finished(self) -> None:
+    """Blocks until the save in flight (if any) is finalised; raises its error if it failed."""
     self.manager.wait_until_finished()
 
   def read_meta(self, step: int) -> dict:
@@ -226,16 +360,43 @@ class Checkpointer:
     `target_state` gives the shapes and device layout to restore onto. Raises WorkdirError if
     the checkpoint's meta differs from `meta` in a field that `compatible(old, new)` lists.
     Unreadable or corrupted checkpoints are set aside with a warning (see the module doc).
+
+    The checkpoints are listed again before every attempt, so a reader of a run that is still
+    training (an evaluator) reads the newest checkpoint that exists at that moment; one that
+    vanished meanwhile (deleted by the run's `keep`) is passed over without a warning.
     """
     abstract = _abstract(for_saving(target_state, self.sharded_keys))
-    steps = self.all_steps()
-    for position, step in enumerate(reversed(steps)):
+    failed = set()
+    while True:
+      self.manager.reload()
+      steps = [step for step in self.all_steps() if step not in failed]
+      if not steps:
+        return None
+      step = steps[-1]
       restored, problem = self._read(step, meta, compatible, abstract)
       if problem is None:
         return from_saved(restored["state"], self.sharded_keys), restored["data"], step
-      older = steps[len(steps) - position - 2] if position + 1 < len(steps) else None
-      self._set_aside(step, problem, older)
-    return None
+      failed.add(step)
+      if self._vanished(step):
+        log.info("checkpoint %d was deleted while it was read; reading the newest one", step)
+        continue
+      self._set_aside(step, problem, steps[-2] if len(steps) > 1 else None)
+
+  def _vanished(self, step: int) -> bool:
+    """Whether checkpoint `step` no longer exists (on any process's view).
+
+    A reader may catch the run's deletion of a checkpoint half done (its directory still there,
+    its files partly gone). Deletion (`keep`) only ever takes checkpoints older than the newest,
+    so a reader gives one that is no longer the newest `_DELETION_GRACE_S` to disappear before
+    calling it unreadable.
+    """
+    path = epath.Path(self.directory) / str(step)
+    self.manager.reload()
+    newer = self.read_only and any(other > step for other in self.all_steps())
+    deadline = time.monotonic() + (_DELETION_GRACE_S if newer else 0.0)
+    while path.exists() and time.monotonic() < deadline:
+      time.sleep(0.05)
+    return parallel.any_process(not path.exists())
 
   def _read(self, step: int, meta: dict, compatible, abstract):
     """(restored items, None) or (None, why checkpoint `step` cannot be used).
@@ -254,7 +415,7 @@ class Checkpointer:
       try:
         restored = self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore(),
-            integrity=ocp.args.JsonRestore()))
+            integrity=_IntegrityRestore()))
       except Exception as e:  # pylint: disable=broad-except
         problem = _reason(e)
     if parallel.any_process(problem is not None):
@@ -270,8 +431,12 @@ class Checkpointer:
     """Warns about checkpoint `step` and (unless read-only) moves it out of the way of new
     checkpoints."""
     source = epath.Path(self.directory) / str(step)
-    then = (f"restoring the previous one (step {older})" if older is not None
-            else "no older checkpoint: training starts from step 0")
+    if older is not None:
+      then = f"restoring the previous one (step {older})"
+    elif self.read_only:
+      then = "no older checkpoint"
+    else:
+      then = "no older checkpoint: training starts from step 0"
     if self.read_only:
       log.warning("checkpoint %s is unreadable (%s); %s", source, problem, then)
       return
@@ -291,6 +456,7 @@ class Checkpointer:
     log.warning("checkpoint %s is unreadable (%s); %s; %s", source, problem, moved, then)
 
   def close(self) -> None:
+    """Waits for the save in flight (if any), then releases orbax's resources."""
     self.manager.close()
 
 

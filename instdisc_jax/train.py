@@ -529,7 +529,8 @@ class Trainer:
   # -- checkpoints --------------------------------------------------------------------------------
 
   def save(self) -> None:
-    """Checkpoints the current step (unless it already is)."""
+    """Starts checkpointing the current step (unless it already is); returns while the
+    checkpoint is written in the background (`Checkpointer.save`)."""
     if self.checkpointer.latest_step() != self.step:
       self.checkpointer.save(self.step, self.state, self.iterator.get_state(), self.meta)
 
@@ -582,10 +583,12 @@ class Trainer:
           self.save()
           clock.restart(step)
         if signal_name:
+          self.checkpointer.wait_until_finished()     # Exit 75 promises a written checkpoint.
           raise Preempted(step, signal_name)
       bar.close()
       self.save()
-      results = self.final_evaluation(writer)
+      results = self.final_evaluation(writer)       # Overlaps the final checkpoint's write.
+      self.checkpointer.wait_until_finished()
     finally:
       bar.close()
       writer.close()

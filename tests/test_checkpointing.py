@@ -5,9 +5,12 @@ is reported by name and the previous one restored; a state holding NaN is never 
 workdir of an incompatible run is refused with the differing fields.
 """
 
+import asyncio
 import logging
 import os
 import shutil
+import sys
+import types
 
 import jax
 import numpy as np
@@ -250,3 +253,109 @@ def test_checksums_do_not_depend_on_the_layout():
   swapped = values.copy()
   swapped[0, 0, [0, 1]] = swapped[0, 0, [1, 0]]
   assert checkpointing.inspect_leaves({"x": jax.numpy.asarray(swapped)})[0] != single
+
+
+# -- asynchronous saves --------------------------------------------------------------------------
+
+
+@pytest.fixture
+def slow_writes(monkeypatch):
+  """Every save's background part takes at least 2 s (the test-only hook)."""
+  monkeypatch.setenv(checkpointing.WRITE_DELAY_ENV, "2")
+
+
+def test_save_returns_while_the_checkpoint_is_written(tmp_path, slow_writes):
+  """`save` returns before the checkpoint is finalised; `wait_until_finished` finalises it."""
+  checkpointer = Checkpointer(tmp_path, keep=2, sharded_keys=SHARDED)
+  checkpointer.save(4, make_state(4.0), {"step": 4}, META)
+  directory = os.path.join(tmp_path, "checkpoints")
+  assert "4" not in os.listdir(directory)          # Only its temporary directory exists.
+  assert checkpointer.latest_step() == 4           # ... but a second save of it is not started.
+  checkpointer.wait_until_finished()
+  assert os.listdir(directory) == ["4"]
+  checkpointer.close()
+  (state, _, step), _ = restore(str(tmp_path))
+  assert step == 4
+  assert_same(state, make_state(4.0))
+
+
+def test_donating_the_state_during_a_save_does_not_change_the_checkpoint(tmp_path, slow_writes):
+  """The train step donates its input state; a save in flight must hold its own copy.
+
+  (On CPU this also passes without `save`'s device copy, since orbax 0.12 moves the arrays to
+  host memory before `save` returns; the copy keeps the guarantee independent of that.)
+  """
+  state = make_state(4.0)
+  checkpointer = Checkpointer(tmp_path, keep=2, sharded_keys=SHARDED)
+  checkpointer.save(4, state, {"step": 4}, META)
+  step = jax.pmap(lambda s: jax.tree.map(lambda x: x * 0 - 1, s), axis_name="devices",
+                  donate_argnums=0)
+  overwritten = step(state)          # Reuses (or frees) the buffers of `state` while it writes.
+  jax.block_until_ready(overwritten)
+  checkpointer.close()               # Waits for the write.
+  (restored, _, _), _ = restore(str(tmp_path))
+  assert_same(restored, make_state(4.0))
+
+
+def test_synchronous_saves_are_finalised_on_return(tmp_path):
+  checkpointer = Checkpointer(tmp_path, keep=2, sharded_keys=SHARDED, asynchronous=False)
+  checkpointer.save(4, make_state(4.0), {"step": 4}, META)
+  assert os.listdir(os.path.join(tmp_path, "checkpoints")) == ["4"]
+  checkpointer.close()
+
+
+# -- readers of a run that is still training -----------------------------------------------------
+
+
+def test_a_checkpoint_deleted_while_it_is_read_is_passed_over_quietly(saved, caplog,
+                                                                      monkeypatch):
+  """The training run deletes old checkpoints (`keep`) while an evaluator reads: the reader
+  takes the newest that exists then, and warns about nothing."""
+  workdir, states = saved
+  checkpointer = Checkpointer(workdir, keep=None, sharded_keys=SHARDED, read_only=True)
+  read = checkpointer._read
+
+  def deleted_by_the_trainer_first(step, *args):
+    if step == 8:
+      shutil.rmtree(os.path.join(workdir, "checkpoints", "8"))
+    return read(step, *args)
+
+  monkeypatch.setattr(checkpointer, "_read", deleted_by_the_trainer_first)
+  with caplog.at_level(logging.INFO, logger="instdisc_jax.checkpointing"):
+    state, _, step = checkpointer.restore(make_state(), META)
+  checkpointer.close()
+  assert step == 4
+  assert_same(state, states[4])
+  assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+  assert "checkpoint 8 was deleted while it was read" in caplog.text
+
+
+def test_a_checkpoint_written_after_the_reader_started_is_the_one_read(saved):
+  workdir, _ = saved
+  checkpointer = Checkpointer(workdir, keep=None, sharded_keys=SHARDED, read_only=True)
+  assert checkpointer.all_steps() == [4, 8]
+  writer = Checkpointer(workdir, keep=2, sharded_keys=SHARDED)
+  writer.save(12, make_state(12.0), {"step": 12}, META)
+  writer.close()                     # Keeps 8 and 12: 4, which the reader listed, is gone.
+  state, _, step = checkpointer.restore(make_state(), META)
+  checkpointer.close()
+  assert step == 12
+  assert_same(state, make_state(12.0))
+
+
+def test_abandoned_read_callbacks_are_dropped_and_other_unraisables_kept(monkeypatch):
+  """Only "Event loop is closed" from asyncio's call_soon_threadsafe is dropped."""
+  seen = []
+  monkeypatch.setattr(sys, "unraisablehook", lambda u: seen.append(u.exc_value))
+  checkpointing._install_quiet_fallback()
+  checkpointing._install_quiet_fallback()          # Installed once, however often called.
+  loop = asyncio.new_event_loop()
+  loop.close()
+  for error_of in (lambda: loop.call_soon_threadsafe(print), lambda: 1 / 0):
+    try:
+      error_of()
+    except Exception as e:  # pylint: disable=broad-except
+      sys.unraisablehook(types.SimpleNamespace(exc_type=type(e), exc_value=e,
+                                               exc_traceback=e.__traceback__, err_msg=None,
+                                               object=None))
+  assert [type(e) for e in seen] == [ZeroDivisionError]

@@ -227,6 +227,43 @@ def test_stopped_killed_and_interrupted_run_resumes_exactly(reference, flags, en
   assert_same_run(workdir, reference)
 
 
+def save_in_flight(process, workdir, step: int, timeout: float = 240) -> int:
+  """Waits until checkpoint `step` is being written (its temporary directory exists, it is not
+  finalised) while `process` has logged a later step; returns that later step."""
+  directory = os.path.join(workdir, "checkpoints")
+  deadline = time.monotonic() + timeout
+  while time.monotonic() < deadline:
+    names = os.listdir(directory) if os.path.isdir(directory) else []
+    writing = any(name.startswith(f"{step}.orbax-checkpoint-tmp") for name in names)
+    records = loss_records(workdir)
+    if writing and str(step) not in names and records and records[-1]["step"] > step:
+      return records[-1]["step"]
+    assert process.poll() is None, f"exited with {process.returncode}: {stderr_of(workdir)}"
+    time.sleep(0.005)
+  raise AssertionError(f"no save of step {step} in flight in {timeout}s: {stderr_of(workdir)}")
+
+
+def test_sigkill_during_an_asynchronous_save_resumes_exactly(reference, flags, env, tmp_path):
+  """Saves are asynchronous: the loop steps on while a checkpoint is written. A SIGKILL then
+  leaves that checkpoint unfinished; the rerun resumes from the one before and ends bitwise as
+  the reference. The test-only hook makes every background write take 3 s, so the kill lands
+  inside one for certain."""
+  workdir = str(tmp_path / "killed_while_saving")
+  slow = dict(env, **{checkpointing.WRITE_DELAY_ENV: "3"})
+  killed = start(workdir, flags, slow)
+  stepped_to = save_in_flight(killed, workdir, 6)
+  killed.kill()
+  killed.wait()
+  assert 6 < stepped_to < TOTAL_STEPS
+  assert checkpoint_steps(workdir) == [3]        # 6 was in flight: only its temporary directory.
+
+  last = run(workdir, flags, slow)                # Its own saves slow too: the last is waited on.
+  assert last.returncode == 0, last.stderr
+  assert "resumed from the checkpoint of step 3" in last.stderr
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["12", "9"]
+  assert_same_run(workdir, reference)
+
+
 def stopped_at(workdir, signal_name: str) -> int:
   """The step that the run's exit message says it stopped after."""
   message = stderr_of(workdir).splitlines()[-1]
