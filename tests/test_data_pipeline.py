@@ -166,6 +166,7 @@ def absl_flags_parsed():
   flags.FLAGS.unparse_flags()
 
 
+@pytest.mark.slow  # starts grain worker processes
 @pytest.mark.usefixtures("absl_flags_parsed")
 def test_worker_processes_read_the_same_batches(folder_split):
   kwargs = dict(global_batch_size=4, seed=SEED, image_size=SIZE)

@@ -125,6 +125,7 @@ def finished(tmp_path_factory):
   return results, cases
 
 
+@pytest.mark.slow  # starts a training process per case
 @pytest.mark.parametrize("name", list(cli_cases("", "")))
 def test_main_reports_one_line_and_writes_nothing(finished, name):
   results, cases = finished

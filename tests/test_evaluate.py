@@ -164,6 +164,7 @@ def evaluated(tiny_npz, tmp_path_factory):
   return workdir, train_results, evaluate.evaluate(workdir, config)
 
 
+@pytest.mark.slow  # trains a tiny run, then evaluates it
 def test_knn_sweep_reproduces_the_training_runs_knn(evaluated):
   workdir, train_results, results = evaluated
   assert results["step"] == train_results["step"] == 6
@@ -174,6 +175,7 @@ def test_knn_sweep_reproduces_the_training_runs_knn(evaluated):
   assert results["knn"]["recomputed"]["k=10,tau=0.07"]["top1"] == 100.0
 
 
+@pytest.mark.slow  # trains a tiny run, then evaluates it
 def test_linear_probe_and_fine_tuning_on_separable_blobs(evaluated):
   _, _, results = evaluated
   assert set(results["linear_probe"]) == {"embedding", "pooled"}
@@ -187,6 +189,7 @@ def test_linear_probe_and_fine_tuning_on_separable_blobs(evaluated):
     assert 0 <= fine_tuned[name]["top1"] <= 100 and np.isfinite(fine_tuned[name]["final_loss"])
 
 
+@pytest.mark.slow  # trains a tiny run, then evaluates it
 def test_export_writes_each_process_rows_with_their_indices(evaluated, tiny_npz):
   workdir, _, results = evaluated
   assert results["export"]["train"] == os.path.join(workdir, "features_train.process*.npz")
@@ -212,6 +215,7 @@ def test_export_read_joins_and_orders_the_processes_archives(tmp_path):
     assert np.array_equal(table[name], value)
 
 
+@pytest.mark.slow  # trains a tiny run, then evaluates it
 def test_retrieval_grid_shows_the_true_top_k(evaluated):
   workdir, _, results = evaluated
   grid = results["retrieval_grid"]
@@ -227,6 +231,7 @@ def test_retrieval_grid_shows_the_true_top_k(evaluated):
   assert 0 <= grid["same_class_fraction"] <= 1
 
 
+@pytest.mark.slow  # trains a tiny run, then evaluates it
 def test_curves_and_results_file(evaluated):
   workdir, _, results = evaluated
   assert os.path.exists(results["curves"]["path"]) and results["curves"]["loss_points"] == 3
@@ -235,6 +240,7 @@ def test_curves_and_results_file(evaluated):
   assert any(line.startswith("linear probe (pooled)") for line in evaluate.summary_lines(results))
 
 
+@pytest.mark.slow  # trains a tiny run, then evaluates it
 def test_a_workdir_without_a_checkpoint_is_refused(evaluated, tmp_path):
   shutil.copy(os.path.join(evaluated[0], train.CONFIG_NAME), tmp_path)
   with pytest.raises(UserError, match="has no checkpoint"):
@@ -246,6 +252,7 @@ def test_a_workdir_without_a_checkpoint_is_refused(evaluated, tmp_path):
       cli.stderr
 
 
+@pytest.mark.slow  # trains a tiny run, then evaluates it
 def test_unlabelled_data_skips_the_labelled_evaluators(tmp_path):
   images, _ = tiny_run.blob_images(np.random.default_rng(1), 32)
   np.savez(tmp_path / "unlabelled.npz", images=images)

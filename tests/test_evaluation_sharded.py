@@ -98,6 +98,7 @@ def test_linear_probe_on_8_devices_matches_1_device_and_the_gathered_fit():
   assert scores["8"][0] > 60                # it learnt something (chance is 25 %)
 
 
+@pytest.mark.slow  # compiles a network on 1 and 8 devices
 def test_finetuning_on_8_devices_matches_1_device():
   rng = np.random.default_rng(1)
   images = rng.integers(0, 256, (48, 8, 8, 1)).astype(np.uint8)
@@ -208,6 +209,7 @@ def test_knn_sweep_over_sharded_queries_counts_like_a_replicated_sweep():
   assert totals == {(s, name): int(v) for s, hits in expected.items() for name, v in hits.items()}
 
 
+@pytest.mark.slow  # compiles a network on 1 and 8 devices
 def test_every_evaluation_step_holds_1_over_d_of_the_splits():
   """Compiled per-device memory of extraction, the kNN sweep and the probe's training and
   scoring, at n and 2n on 2 and 8 devices. The feature bytes a step reads (its arguments) grow

@@ -14,6 +14,9 @@ from instdisc_jax import parallel
 from instdisc_jax import train
 from instdisc_jax.parallel import AXIS
 
+# Every test here trains or compiles the whole train step of a tiny run.
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def tiny_npz(tmp_path_factory):
