@@ -100,6 +100,20 @@ class Outcome:
   stderr: str
 
 
+@contextlib.contextmanager
+def logging_left_as_it_was():
+  """Undoes what a command line does to logging in this process (`app.run` puts absl's handler
+  on the root logger, `cli.run` sets levels), so later tests log as they would alone."""
+  root, ours = logging.getLogger(), logging.getLogger("instdisc_jax")
+  handlers, root_level, our_level = list(root.handlers), root.level, ours.level
+  try:
+    yield
+  finally:
+    root.handlers[:] = handlers
+    root.setLevel(root_level)
+    ours.setLevel(our_level)
+
+
 def run_main(argv: list[str], capfd) -> Outcome:
   """`python -m instdisc_jax.main <argv>`, in this process: its status, stdout and stderr."""
   FLAGS.unparse_flags()
@@ -111,7 +125,7 @@ def run_main(argv: list[str], capfd) -> Outcome:
   saved_argv = sys.argv
   sys.argv = ["main.py", *argv]
   try:
-    with pytest.raises(SystemExit) as exit_:
+    with pytest.raises(SystemExit) as exit_, logging_left_as_it_was():
       cli.run(main_lib.main)
   finally:
     sys.argv = saved_argv
@@ -744,7 +758,7 @@ def run_evaluator(argv: list[str], capfd) -> Outcome:
   saved_argv = sys.argv
   sys.argv = ["evaluate.py", *argv]
   try:
-    with pytest.raises(SystemExit) as exit_:
+    with pytest.raises(SystemExit) as exit_, logging_left_as_it_was():
       cli.run(evaluate.main, define_flags=evaluate.define_flags)
   finally:
     sys.argv = saved_argv

@@ -173,6 +173,16 @@ def npz(tmp_path_factory):
   return tiny_run.write_npz(tmp_path_factory.mktemp("data") / "tiny.npz", n=N)
 
 
+def sized_npz(npz: str, size: int) -> str:
+  """The test .npz (16 x 16 images) or a copy of the same shape at another image size."""
+  if size == 16:
+    return npz
+  path = f"{npz[:-len('.npz')]}_{size}.npz"
+  if not os.path.exists(path):
+    tiny_run.write_npz(path, n=N, shape=(size, size, 1))
+  return path
+
+
 # -- properties ----------------------------------------------------------------------------------
 
 
@@ -269,6 +279,9 @@ def test_valid_config_passes_and_builds_a_train_step(npz, tmp_path_factory, data
   config = tiny_config(npz)
   for field in fields:
     assign(config, field, data.draw(VALID[field], label=field))
+  # Images stored at a fixed size must be image_size x image_size (tests/test_bad_inputs.py checks
+  # the refusal): the drawn size gets its own copy of the data.
+  config.dataset = "npz:" + sized_npz(npz, config.image_size)
   validate(config)
   key = tuple(cv.get_field(config, field) for field in STEP_SHAPING)
   if key not in _traced:
