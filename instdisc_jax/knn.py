@@ -56,11 +56,17 @@ class Neighbors:
 def group_size(n: int, k: int) -> int:
   """The group length g of the two-stage selection over rows of n entries: about sqrt(n / k).
 
-  The two stages sort n / g + k * g entries, fewest at g = sqrt(n / k). Returns 1 (one stage,
-  plain `lax.top_k`) below g = 4, where the two stages would still sort about half of the row.
+  The two stages sort n / g + k * g entries, fewest at g = sqrt(n / k); the sum is flat near
+  there, so a divisor of n within a third of it is preferred (rows of n entries then need no
+  padding rows, and the similarity matmul keeps the shard's shape). Returns 1 (one stage, plain
+  `lax.top_k`) below g = 4, where the two stages would still sort about half of the row.
   """
-  group = int(round(math.sqrt(n / k))) if k > 0 else 1
-  return group if group >= 4 else 1
+  best = math.sqrt(n / k) if k > 0 else 1.0
+  if round(best) < 4:
+    return 1
+  divisors = [g for g in range(max(4, math.ceil(0.75 * best)), math.floor(1.34 * best) + 1)
+              if n % g == 0]
+  return min(divisors, key=lambda g: abs(g - best)) if divisors else int(round(best))
 
 
 def _canonical(x: jax.Array) -> jax.Array:
