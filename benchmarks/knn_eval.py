@@ -72,6 +72,8 @@ if __name__ == "__main__":
 
 # pylint: disable=wrong-import-position
 import functools
+import resource
+import statistics
 import time
 
 import jax
@@ -141,17 +143,27 @@ def compile_ours(make, queries, bank, labels, size: Size) -> tuple:
   return compiled, args, {"lower_s": lower_s, "compile_s": compile_s}, indices
 
 
-def time_interleaved(calls: dict, repeats: int) -> dict:
-  """{name: Timing}: every repeat calls each of `calls` once, in turn (after one warm-up)."""
+def process_cpu_s() -> float:
+  """CPU seconds this process has used, all threads (user + system)."""
+  usage = resource.getrusage(resource.RUSAGE_SELF)
+  return usage.ru_utime + usage.ru_stime
+
+
+def time_interleaved(calls: dict, repeats: int) -> tuple[dict, dict]:
+  """({name: Timing}, {name: CPU seconds per call}): every repeat calls each of `calls` once,
+  in turn (after one warm-up). CPU seconds count every thread of the process (on a shared
+  machine they show the work done, which wall time mixes with waiting for a core)."""
   for call in calls.values():
     jax.block_until_ready(call())
   times = {name: [] for name in calls}
+  cpu = {name: [] for name in calls}
   for _ in range(repeats):
     for name, call in calls.items():
-      start = time.perf_counter()
+      start, start_cpu = time.perf_counter(), process_cpu_s()
       jax.block_until_ready(call())
       times[name].append(time.perf_counter() - start)
-  return {name: common.Timing(t) for name, t in times.items()}
+      cpu[name].append(process_cpu_s() - start_cpu)
+  return {name: common.Timing(t) for name, t in times.items()}, cpu
 
 
 def load_faiss(threads: int):
@@ -195,11 +207,12 @@ def run(size_name: str) -> dict:
     index.add(bank)
     calls["faiss"] = lambda: index.search(queries, size.k)
   common.log(f"knn_eval: timing {', '.join(calls)} interleaved, {size.repeats} repeats")
-  timings = time_interleaved(calls, size.repeats)
+  timings, cpu_s = time_interleaved(calls, size.repeats)
 
   for record, name in ((ours, "ours"), (ours_one, "ours_one_device")):
     timing = timings[name]
-    record.update(timing=timing.to_json(), flop_per_s=flop / timing.median_s,
+    record.update(timing=timing.to_json(), cpu_s=cpu_s[name],
+                  flop_per_s=flop / timing.median_s,
                   fraction_of_fp32_peak=(flop / timing.median_s / fp32_peak
                                          if fp32_peak else None))
   ours["devices"] = devices
@@ -212,7 +225,8 @@ def run(size_name: str) -> dict:
     timing = timings["faiss"]
     result["faiss"] = {
         "version": faiss.__version__, "threads": faiss.omp_get_max_threads(),
-        "timing": timing.to_json(), "flop_per_s": flop / timing.median_s,
+        "timing": timing.to_json(), "cpu_s": cpu_s["faiss"],
+        "flop_per_s": flop / timing.median_s,
         "fraction_of_fp32_peak": flop / timing.median_s / fp32_peak,
         "neighbour_overlap": overlap(split_indices, faiss_indices),
         "neighbour_overlap_one_device": overlap(single_indices, faiss_indices)}
@@ -237,25 +251,30 @@ def markdown(result: dict) -> str:
   def fraction(record):
     return f"{record['fraction_of_fp32_peak']:.2f}" if record["fraction_of_fp32_peak"] else "n/a"
 
+  def cpu(record):
+    return f"{statistics.median(record['cpu_s']):.2f}" if "cpu_s" in record else "n/a"
+
   ours, one = result["ours"], result["ours_one_device"]
   rows = [[f"instdisc_jax knn (pmap, {devices} devices: the trainer's split)",
-           common.ms(ours["timing"]["median_s"]), common.si(ours["flop_per_s"], "FLOP/s"),
+           common.ms(ours["timing"]["median_s"]), cpu(ours),
+           common.si(ours["flop_per_s"], "FLOP/s"),
            fraction(ours), f"compile {ours['compile_s']:.1f} s; same order as 1 device: "
            f"{ours['same_order_as_one_device']:.4f} of queries"],
-          ["instdisc_jax knn (jit, 1 device)", common.ms(one["timing"]["median_s"]),
+          ["instdisc_jax knn (jit, 1 device)", common.ms(one["timing"]["median_s"]), cpu(one),
            common.si(one["flop_per_s"], "FLOP/s"), fraction(one),
            f"compile {one['compile_s']:.1f} s"]]
   faiss_result = result.get("faiss")
   if faiss_result is not None and "skipped" in faiss_result:
-    rows.append(["faiss IndexFlatIP", "skipped", "", "", faiss_result["skipped"]])
+    rows.append(["faiss IndexFlatIP", "skipped", "", "", "", faiss_result["skipped"]])
   elif faiss_result is not None:
     rows.append([f"faiss-cpu {faiss_result['version']} IndexFlatIP "
                  f"({faiss_result['threads']} threads)",
-                 common.ms(faiss_result["timing"]["median_s"]),
+                 common.ms(faiss_result["timing"]["median_s"]), cpu(faiss_result),
                  common.si(faiss_result["flop_per_s"], "FLOP/s"), fraction(faiss_result),
                  f"neighbour overlap with ours {faiss_result['neighbour_overlap']:.4f}"])
   parts = [header, peaks, common.table(
-      ["implementation", "median ms", "achieved", "of fp32 peak", "notes"], rows)]
+      ["implementation", "median ms", "CPU s per call (median)", "achieved", "of fp32 peak",
+       "notes"], rows)]
   ratio = result.get("ours_over_faiss")
   if ratio is not None:
     parts.append(f"ours ({devices} devices) / faiss: **{ratio['median_ratio']:.2f}** (medians); "
