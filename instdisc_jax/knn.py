@@ -6,10 +6,8 @@ neighbours N_k vote for their classes with weight alpha_i = exp(s_i / tau):
   w_c = sum_{i in N_k} alpha_i * 1(c_i = c),  prediction = argmax_c w_c   (top-5: the 5 largest).
 
 Sharded: each device finds the top k among its own rows (chunked over queries and bank rows, so a
-1.28M x 128 bank with 50k queries fits in memory). The candidates (similarity, global index,
-label) are exchanged all-to-all so that each device merges the D * k candidates of 1/D of the
-queries, and the merged top k are all-gathered. Communication is O(Q * k) per device,
-independent of n and of D.
+1.28M x 128 bank with 50k queries fits in memory), the D * k candidates (similarity, global index,
+label) are all-gathered and merged. Communication is O(Q * k * D), independent of n.
 
 Ties are broken towards the lower global instance index everywhere (`lax.top_k` keeps the first
 of equal values, and candidates are merged in global index order), so results do not depend on
@@ -223,30 +221,21 @@ def nearest_neighbors(queries: jax.Array, rows: jax.Array, labels: jax.Array, *,
     cand_ids = local_ids + offset
     if axis_name is None:                                      # already the sorted top k
       return Neighbors(scores=values, indices=cand_ids, labels=cand_labels)
-    # Device i merges the candidates of the i-th 1/D of the chunk's queries: all-to-all hands it
-    # every shard's (Qc / D, local_k) candidates, concatenated in shard order, i.e. in global
-    # index order (ties go to the lower index). Each device sorts Qc * D * local_k / D entries,
-    # not Qc * D * local_k, and receives Qc * local_k candidates instead of D times as many.
+    # (Q, D * local_k) candidates in shard order, i.e. in global index order.
     values, cand_ids, cand_labels = (
-        lax.all_to_all(x, axis_name, split_axis=0, concat_axis=1, tiled=True)
+        lax.all_gather(x, axis_name, axis=1, tiled=True)
         for x in (values, cand_ids, cand_labels))
     best, pos = lax.top_k(values, k)
-    mine = Neighbors(scores=best, indices=jnp.take_along_axis(cand_ids, pos, axis=1),
+    return Neighbors(scores=best, indices=jnp.take_along_axis(cand_ids, pos, axis=1),
                      labels=jnp.take_along_axis(cand_labels, pos, axis=1))
-    return jax.tree.map(lambda x: lax.all_gather(x, axis_name, axis=0, tiled=True), mine)
 
-  # Chunks of a multiple of D queries (zero queries pad the last), so that each device merges
-  # an equal share of every chunk.
   num_queries = queries.shape[0]
-  chunk = _round_up(min(query_chunk, num_queries), sharding.num_shards(axis_name))
-  num_chunks = -(-num_queries // chunk)
-  padded = jnp.pad(queries, ((0, num_chunks * chunk - num_queries), (0, 0)))
-  if num_chunks == 1:
-    out = one_chunk(padded)
-  else:
-    out = lax.map(one_chunk, padded.reshape(num_chunks, chunk, -1))
-    out = jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]), out)
-  return jax.tree.map(lambda x: x[:num_queries], out)
+  if num_queries <= query_chunk:
+    return one_chunk(queries)
+  num_chunks = -(-num_queries // query_chunk)
+  padded = jnp.pad(queries, ((0, num_chunks * query_chunk - num_queries), (0, 0)))
+  out = lax.map(one_chunk, padded.reshape(num_chunks, query_chunk, -1))
+  return jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:])[:num_queries], out)
 
 
 def weighted_vote(neighbors: Neighbors, *, num_classes: int, temperature: float) -> jax.Array:
