@@ -143,9 +143,10 @@ def test_two_stage_selection_is_top_k_of_the_prefix(group, num_valid):
     (8, 5, {}),
     (8, 5, dict(bank_chunk=80)),
 ])
-def test_two_stage_selection_matches_brute_force_with_ties(num_shards, k, chunking):
-  """Bank large enough against k that the two-stage selection runs (checked), with exact ties
-  between equal rows, on one shard and on 8 (the last one with padding rows)."""
+def test_two_stage_selection_matches_brute_force_with_ties(num_shards, k, chunking, monkeypatch):
+  """Two-stage selection (groups of >= 4 rows allowed, checked to run) with exact ties between
+  equal rows, on one shard and on 8 (the last one with padding rows)."""
+  monkeypatch.setattr(knn, "MIN_GROUP", 4)
   rng = np.random.default_rng(4)
   n = 1203
   base = quantised(rng, (300, 8))
