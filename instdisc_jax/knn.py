@@ -19,9 +19,10 @@ Each block is therefore selected in two exact stages (`top_k_of_prefix`): the ro
 groups of g consecutive entries, the k groups with the largest maxima are kept, and `lax.top_k`
 runs on their k * g entries. Only n / g + k * g entries are sorted, about 2 * sqrt(n * k) for
 g = sqrt(n / k) (6,900 instead of 60,000 for n = 60,000 and k = 200); the group maxima are one
-vectorised pass. Rows of fewer than about 240 k entries keep one `lax.top_k` (`MIN_GROUP`). The result is that of `lax.top_k` on the whole row, ties included (the proof is
-in `top_k_of_prefix`). On a CPU host split into one device per core (as the trainer does), every
-device scores and selects its own shard, so all cores work on the kNN.
+vectorised pass. The result is that of `lax.top_k` on the whole row, ties included (the proof
+is in `top_k_of_prefix`). Rows of fewer than about 240 k entries keep one `lax.top_k`
+(`MIN_GROUP`). On a CPU host split into one device per core (as the trainer does), every device
+scores and selects its own shard, so all cores work on the kNN.
 
 `approx_recall` switches the per-chunk selection to `lax.approx_max_k`, which is only faster on
 TPU (on CPU and GPU it is an exact top-k under another name).
