@@ -163,15 +163,19 @@ def section(name: str, record: dict, records: dict) -> str:
 
 
 def comparisons(records: dict) -> dict:
-  """Numbers that need two benchmarks: the input path over the train step."""
+  """Headline ratios: the input path over the train step (two benchmarks), and our kNN on the
+  trainer's device split over faiss (median times, measured side by side in one process)."""
+  out = {}
+  knn = records.get("knn_eval", {}).get("result") or {}
+  if "ours_over_faiss" in knn:
+    out["knn_ours_over_faiss"] = knn["ours_over_faiss"]["median_ratio"]
   pipeline = records.get("input_pipeline", {}).get("result")
-  if not pipeline:
-    return {}
-  train = train_images_per_s(records, importlib.import_module("benchmarks.input_pipeline").CONFIG)
-  if not train:
-    return {}
-  return {"input_pipeline_over_fashion_mnist_train_step":
-          pipeline["host_and_augment_images_per_s"] / train}
+  train = pipeline and train_images_per_s(
+      records, importlib.import_module("benchmarks.input_pipeline").CONFIG)
+  if train:
+    out["input_pipeline_over_fashion_mnist_train_step"] = (
+        pipeline["host_and_augment_images_per_s"] / train)
+  return out
 
 
 def main(argv=None) -> int:

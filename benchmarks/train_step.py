@@ -2,8 +2,11 @@
 
 For each case the step is built as the trainer builds it: `train.build_model`, `optim`,
 `train.StepConfig`, `train.init_state` and `train.train_step`, under `jax.pmap` over the local
-devices with the state donated. Batches are synthetic uint8 images and distinct random instance
-indices (no dataset is read); they are placed on the devices before the clock starts.
+devices with the state donated. The devices are the trainer's: a CPU host is split into one XLA
+device per core (`cli.split_cpu_into_devices` with the cases' train and eval batch sizes, set
+below before JAX starts, so run this module in its own process); a GPU or TPU host is unchanged.
+Batches are synthetic uint8 images and distinct random instance indices (no dataset is read);
+they are placed on the devices before the clock starts.
 
 * images/s: global batch / median step time (after compile).
 * compile: seconds to lower and to compile the step (`.lower(...).compile()`).
@@ -16,26 +19,15 @@ indices (no dataset is read); they are placed on the devices before the clock st
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import os
 from typing import Any
 
-import jax
-import jax.numpy as jnp
 import ml_collections
-import numpy as np
-import optax
 
-from benchmarks import common
-from benchmarks import hlo
-from instdisc_jax import augment
-from instdisc_jax import data
+from instdisc_jax import cli
 from instdisc_jax import default_config
-from instdisc_jax import optim
-from instdisc_jax import parallel
-from instdisc_jax import train
-from instdisc_jax.parallel import AXIS
-from instdisc_jax.sharding import ShardLayout
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
@@ -97,6 +89,35 @@ def load_config(case: Case) -> ml_collections.ConfigDict:
   if case.batch is not None:
     config.batch_size = case.batch
   return config
+
+
+def split_host_like_the_trainer(size: Size) -> None:
+  """One XLA CPU device per core (a divisor of every case's train and eval batch), as the
+  trainer's entry points split a CPU host; before JAX starts. No effect on GPU or TPU."""
+  configs = [load_config(case) for case in size.cases]
+  cli.split_cpu_into_devices([b for c in configs for b in (c.batch_size, c.eval_batch_size)])
+
+
+if __name__ == "__main__":
+  _parser = argparse.ArgumentParser(add_help=False)
+  _parser.add_argument("--size", choices=tuple(SIZES), default="full")
+  split_host_like_the_trainer(SIZES[_parser.parse_known_args()[0].size])
+
+# pylint: disable=wrong-import-position
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from benchmarks import common
+from benchmarks import hlo
+from instdisc_jax import augment
+from instdisc_jax import data
+from instdisc_jax import optim
+from instdisc_jax import parallel
+from instdisc_jax import train
+from instdisc_jax.parallel import AXIS
+from instdisc_jax.sharding import ShardLayout
 
 
 def synthetic_split(name: str, images: np.ndarray, num_classes: int) -> data.DatasetSplit:
@@ -250,13 +271,14 @@ def markdown(result: dict) -> str:
     w, wo = c["with_nce_bank"], c["without_nce_bank"]
     rows.append([
         c["config"], f"{c['model']} {c['image_size']}px {c['compute_dtype']}",
-        c["global_batch"], f"{c['num_instances']}", f"m={c['num_negatives']}"
+        c["global_batch"], c["devices"], f"{c['num_instances']}", f"m={c['num_negatives']}"
         + (" shared" if c["shared_noise"] else ""),
         f"{w['images_per_s']:.1f}", common.ms(w["timing"]["median_s"]),
         common.ms(wo["timing"]["median_s"]), f"{100 * c['nce_bank_share']:.1f}%",
         f"{w['lower_s']:.1f} + {w['compile_s']:.1f}", len(w["bank_copies"]), c["note"]])
-  return ("Median of repeats after compile; NCE + bank share = 1 - t_without / t_with.\n\n" +
-          common.table(["config", "model", "global batch", "n", "noise", "images/s",
+  return ("Median of repeats after compile, on the trainer's devices (a CPU host split into one "
+          "device per core); NCE + bank share = 1 - t_without / t_with.\n\n" +
+          common.table(["config", "model", "global batch", "devices", "n", "noise", "images/s",
                         "step ms", "step ms without NCE+bank", "NCE+bank share",
                         "lower + compile s", "bank copies/step (HLO)", "note"], rows))
 

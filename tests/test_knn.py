@@ -105,3 +105,59 @@ def test_unlabelled_rows_do_not_vote():
                             labels=jnp.array([[-1, 2]]))
   scores = knn.weighted_vote(neighbors, num_classes=3, temperature=1.0)
   np.testing.assert_allclose(scores, [[0, 0, np.e]], rtol=1e-6)
+
+
+def quantised(rng, shape):
+  """Multiples of 1/4 in [-3/4, 3/4]: their dot products are exact in float32, so equal rows tie
+  exactly whatever order a matmul sums in, and float64 brute force ranks them alike."""
+  return rng.integers(-3, 4, size=shape).astype(np.float32) / 4
+
+
+@pytest.mark.parametrize("group", [4, 7])
+@pytest.mark.parametrize("num_valid", [700, 643, 30, 3])
+def test_two_stage_selection_is_top_k_of_the_prefix(group, num_valid):
+  """Few distinct values (many ties), mixed -0.0 / +0.0, padding past num_valid that would win."""
+  rng = np.random.default_rng(3)
+  values = rng.integers(-3, 4, size=(5, 700)).astype(np.float32)
+  values[0] = np.where(rng.random(700) < 0.5, -0.0, 0.0)
+  values[1, 500:] = 9.0                                       # the best entries are padding
+  values[2] = rng.permutation(700)                             # distinct: k groups needed,
+  values[2, num_valid:] = 1e3                                  # and larger padding after them
+  k = 20
+  assert 700 // group >= k
+  select = jax.jit(knn.top_k_of_prefix, static_argnames=("k", "group"))
+  best, pos = select(jnp.asarray(values), jnp.int32(num_valid), k=k, group=group)
+  one_stage = select(jnp.asarray(values), jnp.int32(num_valid), k=k, group=1)
+  np.testing.assert_array_equal(best, one_stage[0])
+  np.testing.assert_array_equal(pos, one_stage[1])
+  # Brute force: -0.0 == +0.0, ties to the lower position, -inf past num_valid.
+  masked = np.where(np.arange(700) < num_valid, values.astype(np.float64), -np.inf)
+  order = np.stack([np.lexsort((np.arange(700), -row))[:k] for row in masked])
+  np.testing.assert_array_equal(pos, order)
+  np.testing.assert_array_equal(best, np.take_along_axis(masked, order, axis=1))
+
+
+@pytest.mark.parametrize("num_shards,k,chunking", [
+    (None, 12, {}),
+    (None, 5, dict(query_chunk=4, bank_chunk=100)),
+    (8, 5, {}),
+    (8, 5, dict(bank_chunk=80)),
+])
+def test_two_stage_selection_matches_brute_force_with_ties(num_shards, k, chunking, monkeypatch):
+  """Two-stage selection (groups of >= 4 rows allowed, checked to run) with exact ties between
+  equal rows, on one shard and on 8 (the last one with padding rows)."""
+  monkeypatch.setattr(knn, "MIN_GROUP", 4)
+  rng = np.random.default_rng(4)
+  n = 1203
+  base = quantised(rng, (300, 8))
+  bank = base[rng.integers(0, 300, size=n)]                    # every row has equal twins
+  labels = rng.integers(0, 7, size=n)
+  queries = quantised(rng, (9, 8))
+  rows = n if num_shards is None else ShardLayout(n, num_shards).rows_per_shard
+  assert knn.group_size(min(rows, chunking.get("bank_chunk", rows)), k) > 1
+  neighbors, scores = run_knn(queries, bank, labels, k=k, num_classes=7,
+                              num_shards=num_shards, **chunking)
+  expected_scores, expected_order = ref.knn(queries, bank, labels, k, TAU, 7)
+  np.testing.assert_array_equal(neighbors.indices, expected_order)
+  np.testing.assert_array_equal(neighbors.labels, labels[expected_order])
+  np.testing.assert_allclose(scores, expected_scores, rtol=1e-5)
