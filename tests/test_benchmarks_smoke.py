@@ -19,6 +19,10 @@ BENCHMARKS = ("bank_step", "knn_eval", "train_step", "input_pipeline")
 ENVIRONMENT_KEYS = ("date_utc", "backend", "device_kind", "device_count", "jax", "cpu_count")
 
 
+# The suite runs every benchmark once at its quick size (about 20 s).
+pytestmark = pytest.mark.slow
+
+
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
   out = tmp_path_factory.mktemp("benchmarks")
