@@ -145,6 +145,21 @@ def split_cpu_into_devices(batch_sizes, requested: int = 0) -> None:
     os.environ["XLA_FLAGS"] = f"{flags_now} {HOST_DEVICE_FLAG}={devices}".strip()
 
 
+def start_runtime_of_run(workdir: str):
+  """The saved config of the training run in `workdir`, with the runtime started as that run's.
+
+  For the programs that use a run (evaluate, search, export_encoder): as many CPU devices as the
+  run trained on (its checkpoints hold one bank shard per device), then `jax.distributed` for a
+  multi-process run. Must come before anything initialises JAX's backends.
+  """
+  from instdisc_jax import train  # pylint: disable=g-import-not-at-top
+  run_config = train.load_config(workdir)
+  split_cpu_into_devices((run_config.batch_size, run_config.eval_batch_size),
+                         flags.FLAGS.host_devices)
+  initialize_runtime()
+  return run_config
+
+
 def initialize_runtime() -> None:
   """Starts `jax.distributed` for multi-process runs; single-process runs need nothing.
 

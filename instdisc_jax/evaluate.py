@@ -120,12 +120,7 @@ def main(argv):
   del argv  # cli.run refuses positional arguments.
   with cli.user_errors_exit():
     cli.require(FLAGS.workdir, "--workdir", "give the directory of a training run")
-    from instdisc_jax import train  # pylint: disable=g-import-not-at-top
-    run_config = train.load_config(FLAGS.workdir)
-    # As many CPU devices as training made (checkpoints are per device count).
-    cli.split_cpu_into_devices((run_config.batch_size, run_config.eval_batch_size),
-                               FLAGS.host_devices)
-    cli.initialize_runtime()
+    cli.start_runtime_of_run(FLAGS.workdir)
     import jax  # pylint: disable=g-import-not-at-top
     results = evaluate(FLAGS.workdir, FLAGS.config)
     if jax.process_index() == 0:

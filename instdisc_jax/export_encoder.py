@@ -173,10 +173,7 @@ def main(argv):
     if FLAGS.batch_size < 0:
       raise UserError(f"--batch_size={FLAGS.batch_size}: must be 0 (any batch size) or more")
     check_out(FLAGS.out)
-    run_config = train.load_config(FLAGS.workdir)
-    cli.split_cpu_into_devices((run_config.batch_size, run_config.eval_batch_size),
-                               FLAGS.host_devices)
-    cli.initialize_runtime()
+    run_config = cli.start_runtime_of_run(FLAGS.workdir)
     trainer = train.Trainer(run_config, FLAGS.workdir)
     try:
       step = trainer.restore_for_evaluation()

@@ -489,11 +489,7 @@ def main(argv):
     query_args = list(FLAGS.query or []) + list(argv[1:])
     check_flags(query_args)
     query_files = find_queries(query_args)
-    run_config = train.load_config(FLAGS.workdir)
-    # As many CPU devices as training made (checkpoints hold one bank shard per device).
-    cli.split_cpu_into_devices((run_config.batch_size, run_config.eval_batch_size),
-                               FLAGS.host_devices)
-    cli.initialize_runtime()
+    run_config = cli.start_runtime_of_run(FLAGS.workdir)
     trainer = train.Trainer(run_config, FLAGS.workdir)
     try:
       images = (load_queries(query_files, trainer.train_split, run_config.image_size)

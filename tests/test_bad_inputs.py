@@ -25,7 +25,6 @@ import time
 from typing import Callable, Optional
 
 from absl import flags
-import jax
 import numpy as np
 import pytest
 import tiny_run
@@ -60,23 +59,6 @@ def snapshot(root) -> dict[str, str]:
       with open(path, "rb") as f:
         found[os.path.relpath(path, root)] = hashlib.sha256(f.read()).hexdigest()
   return found
-
-
-@contextlib.contextmanager
-def counting_compilations():
-  """The XLA compilations done inside the block."""
-  compiled = []
-
-  def listener(event, duration, **kwargs):
-    del duration, kwargs
-    if event == "/jax/core/compile/backend_compile_duration":
-      compiled.append(event)
-
-  jax.monitoring.register_event_duration_secs_listener(listener)
-  try:
-    yield compiled
-  finally:
-    jax.monitoring.unregister_event_duration_listener(listener)
 
 
 def assert_one_line(status: int, stderr: str, fragments, expected_status: int = 2) -> None:
@@ -617,7 +599,7 @@ def test_trainer_refuses_with_one_line(name, case_root, capfd, caplog, monkeypat
   if bad.patch is not None:
     bad.patch(monkeypatch, case_root)
   before = snapshot(case_root)
-  with counting_compilations() as compiled:
+  with tiny_run.counting_compilations() as compiled:
     outcome = run_main(bad.argv(case_root), capfd)
   assert_one_line(outcome.status, outcome.stderr, bad.fragments)
   assert shown_log_records(caplog) == []
@@ -640,7 +622,7 @@ def test_a_finished_run_rerun_says_so_prints_its_results_and_writes_nothing(case
              "knn_recomputed": {"top1": 34.375, "top5": 100.0}}
   write_file(case_root, "run/results.json", json.dumps(results))
   before = snapshot(case_root)
-  with counting_compilations() as compiled:
+  with tiny_run.counting_compilations() as compiled:
     outcome = run_main([f"--config={tiny_run.TINY_CONFIG}", f"--workdir={workdir}",
                         npz_flag(case_root)], capfd)
   assert outcome.status == 0, outcome.stderr
@@ -676,7 +658,7 @@ def test_rerunning_a_trained_run_evaluates_nothing_and_records_each_step_once(ca
   first = run_main(args, capfd)
   assert first.status == 0, first.stderr
   before = snapshot(case_root)
-  with counting_compilations() as compiled:
+  with tiny_run.counting_compilations() as compiled:
     again = run_main(args, capfd)
   assert again.status == 0, again.stderr
   assert again.stdout == first.stdout and "final weighted kNN" in again.stdout
@@ -793,7 +775,7 @@ def evaluator_root(tmp_path_factory):
 def test_evaluator_refuses_with_one_line(name, evaluator_root, capfd, caplog):
   args, fragments = evaluator_cases(evaluator_root)[name]
   before = snapshot(evaluator_root)
-  with counting_compilations() as compiled:
+  with tiny_run.counting_compilations() as compiled:
     outcome = run_evaluator(args, capfd)
   assert_one_line(outcome.status, outcome.stderr, fragments)
   assert shown_log_records(caplog) == []

@@ -47,10 +47,7 @@ def npz(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-  return tiny_run.environment(
-      JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("xla_cache")),
-      JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-      JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+  return tiny_run.cached_environment(tmp_path_factory.mktemp("xla_cache"))
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ over. `train_and_evaluate` refuses a locked workdir, a workdir of an incompatibl
 config and missing data before it compiles or writes anything.
 """
 
-import contextlib
 import json
 import logging
 import os
@@ -13,7 +12,6 @@ import socket
 import subprocess
 import sys
 
-import jax
 import numpy as np
 import pytest
 import tiny_run
@@ -140,7 +138,7 @@ def used_workdir(npz, tmp_path):
 def test_incompatible_config_is_refused_listing_the_fields(npz, used_workdir):
   before = snapshot(used_workdir)
   config = tiny_run.config(npz, low_dim=32, model="cifar_resnet18")
-  with counting_compilations() as compilations:
+  with tiny_run.counting_compilations() as compilations:
     with pytest.raises(WorkdirError) as error:
       train.train_and_evaluate(config, used_workdir)
   assert compilations == []
@@ -181,7 +179,7 @@ def test_locked_workdir_is_refused_before_anything_is_written(npz, tmp_path):
 ])
 def test_bad_config_or_data_leaves_no_files(npz, tmp_path, overrides, error_type, message):
   workdir = tmp_path / "new" / "run"
-  with counting_compilations() as compilations:
+  with tiny_run.counting_compilations() as compilations:
     with pytest.raises(error_type) as error:
       train.train_and_evaluate(tiny_run.config(npz, **overrides), str(workdir))
   assert str(error.value) == message
@@ -196,18 +194,3 @@ def test_bad_config_does_not_touch_an_existing_run(npz, used_workdir):
   assert snapshot(used_workdir) == before
 
 
-@contextlib.contextmanager
-def counting_compilations():
-  """Collects the durations of the XLA compilations done inside the block."""
-  durations = []
-
-  def listener(event, duration, **kwargs):
-    del kwargs
-    if event == "/jax/core/compile/backend_compile_duration":
-      durations.append(duration)
-
-  jax.monitoring.register_event_duration_secs_listener(listener)
-  try:
-    yield durations
-  finally:
-    jax.monitoring.unregister_event_duration_listener(listener)

@@ -1,9 +1,11 @@
 """Tiny datasets, configs and command lines for the tests of runs, workdirs and errors."""
 
+import contextlib
 import os
 import subprocess
 import sys
 
+import jax
 import numpy as np
 
 from instdisc_jax import default_config
@@ -60,6 +62,14 @@ def environment(**extra) -> dict:
   return env
 
 
+def cached_environment(cache_dir) -> dict:
+  """`environment()` with every compiled program cached in `cache_dir`: a test that starts the
+  same run several times compiles it once."""
+  return environment(JAX_COMPILATION_CACHE_DIR=str(cache_dir),
+                     JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                     JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+
+
 def main_command(workdir, *flags) -> list[str]:
   """`python -m instdisc_jax.main --config=configs/tiny.py --workdir=... <flags>`."""
   return [sys.executable, "-m", "instdisc_jax.main", f"--config={TINY_CONFIG}",
@@ -69,3 +79,20 @@ def main_command(workdir, *flags) -> list[str]:
 def run_main(workdir, *flags, env=None, timeout=300) -> subprocess.CompletedProcess:
   return subprocess.run(main_command(workdir, *flags), capture_output=True, text=True,
                         env=env or environment(), cwd=REPO, timeout=timeout)
+
+
+@contextlib.contextmanager
+def counting_compilations():
+  """Collects the durations of the XLA compilations done inside the block."""
+  durations = []
+
+  def listener(event, duration, **kwargs):
+    del kwargs
+    if event == "/jax/core/compile/backend_compile_duration":
+      durations.append(duration)
+
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    yield durations
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
