@@ -36,7 +36,7 @@ infinite values is never written.
 Quiet fallback: when one read of a restore fails, orbax abandons the checkpoint's other reads and
 closes its event loop; tensorstore then completes those reads and cannot deliver them to the
 closed loop, and Python prints each such "Event loop is closed" error (hundreds for a large
-state). They carry no information (the failure is already reported in the warning), so a
+state), and each read coroutine left un-awaited with a read error of its own. They carry no information (the failure is already reported in the warning), so a
 `Checkpointer` drops exactly these from `sys.unraisablehook` and passes everything else on.
 
 Test hook: with the environment variable `INSTDISC_TEST_CHECKPOINT_WRITE_DELAY_S` set to a number
@@ -185,8 +185,13 @@ def snapshot_and_inspect(tree) -> tuple[Any, dict[str, int], list[str]]:
 
 
 def _is_abandoned_read_callback(unraisable) -> bool:
-  """Whether an unraisable exception is tensorstore failing to deliver an abandoned read to the
-  closed event loop of a failed orbax restore (see the module doc)."""
+  """Whether an unraisable exception comes from an abandoned read of a failed orbax restore (see
+  the module doc): tensorstore failing to deliver a read to the closed event loop, or a read
+  coroutine finalised with its own read error, never awaited."""
+  code = getattr(unraisable.object, "cr_code", None)
+  if code is not None:
+    return (code.co_name == "_read_array_index_and_device_put"
+            and f"{os.sep}orbax{os.sep}" in code.co_filename)
   error = unraisable.exc_value
   if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"):
     return False

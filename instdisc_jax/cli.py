@@ -4,6 +4,7 @@ problems into one line on stderr with a distinct exit status."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging as pylogging
 import os
 import sys
@@ -45,10 +46,10 @@ def _exit(message: str, status: int) -> None:
   sys.exit(status)
 
 
-def _parse_flags(argv):
+def _parse_flags(argv, takes_arguments: bool = False):
   """absl flag parsing, with bad flags, config files or overrides as one line, exit 2."""
   try:
-    return flag_errors.parse(argv, FLAGS)
+    return flag_errors.parse(argv, FLAGS, takes_arguments=takes_arguments)
   except UserError as e:
     _exit(str(e), EXIT_USER_ERROR)
 
@@ -59,11 +60,13 @@ def configure_logging() -> None:
   pylogging.getLogger("instdisc_jax").setLevel(pylogging.INFO)
 
 
-def run(main, define_flags: Optional[Callable[[list[str]], None]] = None) -> None:
+def run(main, define_flags: Optional[Callable[[list[str]], None]] = None, *,
+        takes_arguments: bool = False) -> None:
   """`app.run(main)` with every flag problem as one line, exit 2.
 
   `define_flags(argv)`, if given, defines the program's flags first; a problem it finds with the
-  command line (a `UserError`) is one line too.
+  command line (a `UserError`) is one line too. Positional arguments reach `main(argv)` only if
+  `takes_arguments`; otherwise each is refused in one line.
   """
   configure_logging()
   with peers.reporting_exit():
@@ -72,7 +75,7 @@ def run(main, define_flags: Optional[Callable[[list[str]], None]] = None) -> Non
         define_flags(sys.argv)
       except UserError as e:
         _exit(str(e), EXIT_USER_ERROR)
-    app.run(main, flags_parser=_parse_flags)
+    app.run(main, flags_parser=functools.partial(_parse_flags, takes_arguments=takes_arguments))
 
 
 def require(value, flag: str, fix: str) -> None:

@@ -34,11 +34,13 @@ _EXPECTED = {"IntegerParser": "must be an integer", "FloatParser": "must be a nu
              "BooleanParser": "must be True or False"}
 
 
-def parse(argv: Sequence[str], flag_values: flags.FlagValues = flags.FLAGS) -> list[str]:
+def parse(argv: Sequence[str], flag_values: flags.FlagValues = flags.FLAGS, *,
+          takes_arguments: bool = False) -> list[str]:
   """`flag_values(argv)`; raises UserError with one line for any problem.
 
-  Returns argv[:1]: a positional argument (a value without its --flag=, a stray word) is an
-  error too, since no entry point of this project takes one.
+  Returns the program name and its positional arguments. Unless `takes_arguments` (search's
+  further query paths), a positional argument (a value without its --flag=, a stray word) is an
+  error too.
   """
   describe = _Describer(argv, flag_values)
   try:
@@ -68,7 +70,7 @@ def parse(argv: Sequence[str], flag_values: flags.FlagValues = flags.FLAGS) -> l
       flag_values[name].value.keys()            # raises the deferred error of a missing file
     except OSError as e:
       raise UserError(describe.unreadable_config(e, name)) from e
-  if len(remaining) > 1:
+  if len(remaining) > 1 and not takes_arguments:
     extra = remaining[1]
     raise UserError(f"unexpected argument {extra!r}: flags are written --name=value "
                     "(see --helpfull)")

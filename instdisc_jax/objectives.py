@@ -388,7 +388,8 @@ def compensated_sum(x: jax.Array) -> jax.Array:
   TwoSum, valid in any rounding-to-nearest arithmetic); the errors are summed alongside and
   added at the end. The result is within about one ulp of the exact sum, where a plain float32
   sum of N numbers can be off by sqrt(N) ulps or more. log2(N) elementwise passes. The gradient
-  is the plain sum's (ones): the correction carries none.
+  is the plain sum's (ones): the correction carries none. A sum that overflows is the plain
+  sum's +-inf.
   """
   values = jnp.ravel(sg(x))
   size = 1 << max(0, (values.shape[0] - 1).bit_length())
@@ -402,7 +403,10 @@ def compensated_sum(x: jax.Array) -> jax.Array:
     error = error[0::2] + error[1::2] + rounding
     values = total
   plain = jnp.sum(x)
-  return plain + sg(values[0] + error[0] - plain)
+  correction = values[0] + error[0] - plain
+  # A sum that overflows has no rounding error to speak of (inf - inf is nan): it stays the plain
+  # sum, so a diverged loss reads inf, not nan.
+  return plain + sg(jnp.where(jnp.isfinite(correction), correction, 0.0))
 
 
 def _masked_mean(x: jax.Array, mask: jax.Array, axis_name: AxisName) -> jax.Array:

@@ -540,4 +540,4 @@ def define_flags() -> None:
 
 if __name__ == "__main__":
   define_flags()
-  sys.exit(cli.run(main))
+  sys.exit(cli.run(main, takes_arguments=True))

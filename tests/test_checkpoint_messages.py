@@ -119,6 +119,8 @@ def hashes(directory) -> dict:
 def test_training_falls_back_past_a_damaged_newest_checkpoint_with_one_warning(workdir, flags,
                                                                                 env):
   truncate_largest_chunk(workdir, 12)
+  # A run stopped before its final evaluation: a finished run (with results.json) reruns nothing.
+  os.remove(os.path.join(workdir, "results.json"))
   rerun = tiny_run.run_main(workdir, *flags, env=env)
   assert rerun.returncode == 0, rerun.stderr
   (warning,) = messages(rerun.stderr)

@@ -344,7 +344,7 @@ def test_a_checkpoint_written_after_the_reader_started_is_the_one_read(saved):
 
 
 def test_abandoned_read_callbacks_are_dropped_and_other_unraisables_kept(monkeypatch):
-  """Only "Event loop is closed" from asyncio's call_soon_threadsafe is dropped."""
+  """Only the noise of abandoned orbax reads is dropped."""
   seen = []
   monkeypatch.setattr(sys, "unraisablehook", lambda u: seen.append(u.exc_value))
   checkpointing._install_quiet_fallback()
@@ -359,3 +359,14 @@ def test_abandoned_read_callbacks_are_dropped_and_other_unraisables_kept(monkeyp
                                                exc_traceback=e.__traceback__, err_msg=None,
                                                object=None))
   assert [type(e) for e in seen] == [ZeroDivisionError]
+  # A read coroutine of orbax's finalised with its own read error, never awaited: dropped; the
+  # same from any other coroutine: kept.
+  read = (lambda: None).__code__.replace(co_name="_read_array_index_and_device_put",
+                                         co_filename=os.path.join("site", "orbax", "io.py"))
+  other = read.replace(co_filename=os.path.join("site", "mine", "io.py"))
+  for code in (read, other):
+    sys.unraisablehook(types.SimpleNamespace(exc_type=ValueError, exc_value=ValueError(code),
+                                             exc_traceback=None, err_msg=None,
+                                             object=types.SimpleNamespace(cr_code=code)))
+  assert [type(e) for e in seen] == [ZeroDivisionError, ValueError]
+  assert str(seen[-1].args[0]) == str(other)

@@ -95,3 +95,14 @@ def test_nce_loss_value_is_float64_to_1e6(num_instances, num_noise):
   for num_shards in (None, 8):
     loss, expected = _nce_against_float64(num_instances, num_noise, num_shards)
     assert abs(loss - expected) <= 1e-6, (num_shards, loss, expected)
+
+
+def test_compensated_sum_is_within_an_ulp_and_overflows_like_a_plain_sum():
+  rng = np.random.default_rng(0)
+  x = (rng.normal(size=4097) * 10.0 ** rng.integers(-3, 4, 4097)).astype(np.float32)
+  exact = np.sum(x.astype(np.float64))
+  total = float(jax.jit(objectives.compensated_sum)(jnp.asarray(x)))
+  assert abs(total - exact) <= np.spacing(np.float32(exact))
+  huge = jnp.full((5,), -3e38, jnp.float32)        # a diverged loss: the sum overflows
+  assert float(objectives.compensated_sum(huge)) == -np.inf
+  assert float(jax.grad(objectives.compensated_sum)(jnp.arange(3.0)).sum()) == 3.0
