@@ -93,7 +93,7 @@ class StepSpec:
 
 
 def nce_bank_step(rows, partition, local_features, local_indices, key_data, *, spec: StepSpec):
-  """The NCE + bank part of `train.train_step` on one device (call under pmap over AXIS).
+  """The NCE + bank part of `steps.train_step` on one device (call under pmap over AXIS).
 
   Args:
     rows: this device's bank shard (rows_per_shard, d); donated.
@@ -110,7 +110,7 @@ def nce_bank_step(rows, partition, local_features, local_indices, key_data, *, s
   indices = sharding.gather_batch(local_indices, AXIS)
   noise = noise_lib.sample(jax.random.wrap_key_data(key_data), spec.layout, spec.num_noise,
                            spec.batch, shared=spec.shared_noise, axis_name=AXIS)
-  # One read of the bank, as in train.train_step (a second read makes XLA copy the bank).
+  # One read of the bank, as in steps.train_step (a second read makes XLA copy the bank).
   rows = objectives.step_rows(bank, indices, noise, AXIS)
 
   def loss_fn(local):

@@ -1,7 +1,7 @@
 """Train-step throughput, compile time and the share of the step spent in NCE + bank.
 
 For each case the step is built as the trainer builds it: `train.build_model`, `optim`,
-`train.StepConfig`, `train.init_state` and `train.train_step`, under `jax.pmap` over the local
+`steps.StepConfig`, `steps.init_state` and `steps.train_step`, under `jax.pmap` over the local
 devices with the state donated. The devices are the trainer's: a CPU host is split into one XLA
 device per core (`cli.split_cpu_into_devices` with the cases' train and eval batch sizes, set
 below before JAX starts, so run this module in its own process); a GPU or TPU host is unchanged.
@@ -115,6 +115,7 @@ from instdisc_jax import augment
 from instdisc_jax import data
 from instdisc_jax import optim
 from instdisc_jax import parallel
+from instdisc_jax import steps
 from instdisc_jax import train
 from instdisc_jax.parallel import AXIS
 from instdisc_jax.sharding import ShardLayout
@@ -148,7 +149,7 @@ class Built:
   config: ml_collections.ConfigDict
   model: Any
   tx: optax.GradientTransformation
-  hp: train.StepConfig
+  hp: steps.StepConfig
   learning_rate_fn: Any
   image_shape: tuple[int, int, int]
 
@@ -163,7 +164,7 @@ def build(case: Case) -> Built:
   learning_rate_fn = optim.learning_rate_schedule(config, steps_per_epoch,
                                                   config.num_epochs * steps_per_epoch)
   tx = optim.sgd(config, learning_rate_fn)
-  hp = train.StepConfig.from_config(config, layout,
+  hp = steps.StepConfig.from_config(config, layout,
                                     augment_config(config, image_shape, num_classes),
                                     num_classes)
   return Built(config, model, tx, hp, learning_rate_fn, image_shape)
@@ -171,7 +172,7 @@ def build(case: Case) -> Built:
 
 def init(built: Built):
   config = built.config
-  p_init = train.pmapped(train.init_state, model=built.model, tx=built.tx, hp=built.hp,
+  p_init = steps.pmapped(steps.init_state, model=built.model, tx=built.tx, hp=built.hp,
                          image_shape=(config.image_size, config.image_size,
                                       built.image_shape[-1]),
                          low_dim=config.low_dim, bank_init=config.bank_init,
@@ -180,10 +181,10 @@ def init(built: Built):
   return p_init(parallel.replicate(np.asarray(key)))
 
 
-def encoder_only_step(state: train.TrainState, batch, *, model, tx, hp: train.StepConfig):
-  """`train.train_step` without its NCE + bank part: the loss is the mean of this device's
+def encoder_only_step(state: steps.TrainState, batch, *, model, tx, hp: steps.StepConfig):
+  """`steps.train_step` without its NCE + bank part: the loss is the mean of this device's
   features; no index/feature all-gather, noise, objective or bank update."""
-  augment_key, _ = train.step_keys(state)
+  augment_key, _ = steps.step_keys(state)
   images = augment.train_augment(augment_key, batch["image"], hp.augment)
 
   def loss_fn(params):
@@ -216,7 +217,7 @@ def batches(built: Built, count: int) -> list:
 
 def time_step(step_fn, built: Built, state, inputs, repeats: int, **static):
   """Compiles and times one step function; returns (final state, record)."""
-  p_step = train.pmapped(step_fn, donate_argnums=(0,), model=built.model, tx=built.tx,
+  p_step = steps.pmapped(step_fn, donate_argnums=(0,), model=built.model, tx=built.tx,
                          hp=built.hp, **static)
   lowered, lower_s = common.timed(lambda: p_step.lower(state, inputs[0]))
   compiled, compile_s = common.timed(lowered.compile)
@@ -241,7 +242,7 @@ def run_case(case: Case, repeats: int) -> dict:
   built = build(case)
   state, init_s = common.timed(lambda: jax.block_until_ready(init(built)))
   inputs = batches(built, repeats + 1)
-  state, with_nce = time_step(train.train_step, built, state, inputs, repeats,
+  state, with_nce = time_step(steps.train_step, built, state, inputs, repeats,
                               learning_rate_fn=built.learning_rate_fn)
   _, without = time_step(encoder_only_step, built, state, inputs, repeats)
   config = built.config

@@ -16,6 +16,7 @@ from absl import logging
 
 from instdisc_jax import flag_errors
 from instdisc_jax import peers
+from instdisc_jax import preemption
 from instdisc_jax.errors import EXIT_USER_ERROR
 from instdisc_jax.errors import NonFiniteLossError
 from instdisc_jax.errors import UserError
@@ -86,7 +87,6 @@ def require(value, flag: str, fix: str) -> None:
 @contextlib.contextmanager
 def user_errors_exit():
   """UserError -> exit 2, preemption -> exit 75, non-finite loss -> exit 1; one line each."""
-  from instdisc_jax import train  # pylint: disable=g-import-not-at-top
   try:
     yield
   except NonFiniteLossError as e:               # before UserError, which it subclasses
@@ -97,7 +97,7 @@ def user_errors_exit():
     if FLAGS.verbose:
       raise
     _exit(str(e), EXIT_USER_ERROR)
-  except train.Preempted as e:
+  except preemption.Preempted as e:
     print(one_line(str(e)), file=sys.stderr, flush=True)
     sys.exit(EXIT_PREEMPTED)
 
@@ -155,8 +155,8 @@ def start_runtime_of_run(workdir: str):
   run trained on (its checkpoints hold one bank shard per device), then `jax.distributed` for a
   multi-process run. Must come before anything initialises JAX's backends.
   """
-  from instdisc_jax import train  # pylint: disable=g-import-not-at-top
-  run_config = train.load_config(workdir)
+  from instdisc_jax import config_io  # pylint: disable=g-import-not-at-top
+  run_config = config_io.load_config(workdir)
   split_cpu_into_devices((run_config.batch_size, run_config.eval_batch_size),
                          flags.FLAGS.host_devices)
   initialize_runtime()

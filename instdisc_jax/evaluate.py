@@ -26,6 +26,7 @@ import ml_collections
 from ml_collections import config_flags
 
 from instdisc_jax import cli
+from instdisc_jax import config_io
 from instdisc_jax import flag_errors
 from instdisc_jax.evaluation import config as eval_config_lib
 
@@ -83,7 +84,7 @@ def evaluate(workdir: str, config: ml_collections.ConfigDict) -> dict:
 
   from instdisc_jax import train  # pylint: disable=g-import-not-at-top
   eval_config_lib.validate(config, num_devices=jax.device_count())
-  trainer = train.Trainer(train.load_config(workdir), workdir)
+  trainer = train.Trainer(config_io.load_config(workdir), workdir)
   step = trainer.restore_for_evaluation()
   results = {"step": step}
   for name, evaluator in build_evaluators(trainer, config, workdir):

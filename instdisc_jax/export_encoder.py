@@ -40,6 +40,7 @@ import numpy as np
 from instdisc_jax import augment
 from instdisc_jax import cli
 from instdisc_jax import parallel
+from instdisc_jax import steps
 from instdisc_jax import train
 from instdisc_jax.errors import UserError
 
@@ -53,7 +54,7 @@ PLATFORMS = ("cpu", "cuda", "tpu")
 _SEP = "/"
 
 
-def flat_variables(state: train.TrainState) -> dict[str, np.ndarray]:
+def flat_variables(state: steps.TrainState) -> dict[str, np.ndarray]:
   """The encoder's variables of a (replicated, device-axis) train state, as host arrays keyed
   "params/<module>/<name>" and "batch_stats/<module>/<name>"."""
   variables = {"params": state.params["encoder"], "batch_stats": state.batch_stats}
@@ -62,7 +63,7 @@ def flat_variables(state: train.TrainState) -> dict[str, np.ndarray]:
 
 
 def encoder_function(model, augment_config: augment.AugmentConfig):
-  """`encode(flat variables, uint8 images) -> L2-normalised embedding`: `train.embed` for one
+  """`encode(flat variables, uint8 images) -> L2-normalised embedding`: `steps.embed` for one
   device, taking its variables as the flat dict `flat_variables` makes."""
 
   def encode(variables: dict, images: jax.Array) -> jax.Array:

@@ -53,3 +53,12 @@ class StopSignal:
     if not parallel.any_process(self.received is not None):
       return None
     return self.received or "SIGTERM (received by another process)"
+
+
+class Preempted(Exception):
+  """SIGTERM/SIGINT arrived; a checkpoint of the last completed step was written."""
+
+  def __init__(self, step: int, signal_name: str):
+    super().__init__(f"stopped by {signal_name} after step {step}; checkpoint written, rerun the "
+                     "same command to resume")
+    self.step = step

@@ -5,7 +5,7 @@ r"""Searches a trained run's training images: nearest neighbours of your images,
 
 **Search.** The query images are decoded like the run's eval images (the centre square resized
 to `image_size`, or the reference's Resize + CenterCrop for datasets of varying image size),
-embedded with the eval transform (`train.embed`) and compared with every training instance by
+embedded with the eval transform (`steps.embed`) and compared with every training instance by
 cosine similarity s_i = v_i^T f, the metric the network was trained for (the paper's Eq. 2 and
 Fig. 5). `knn.nearest_neighbors` finds the k best over the instance-sharded features: each
 device searches its own shard and only k candidates per device are gathered, never the bank.
@@ -48,6 +48,7 @@ from instdisc_jax import knn
 from instdisc_jax import parallel
 from instdisc_jax import plots
 from instdisc_jax import sharding
+from instdisc_jax import steps
 from instdisc_jax import train
 from instdisc_jax.data import folder
 from instdisc_jax.data import images as images_lib
@@ -220,7 +221,7 @@ def pair_list(partners: Partners, layout: ShardLayout) -> Pairs:
 
 def _search_step(state, images, rows, labels, *, model, hp, k: int):
   """Embeds this device's query images; all devices search all queries in their shards."""
-  queries = sharding.gather_batch(train.embed(state, images, model=model, hp=hp), AXIS)
+  queries = sharding.gather_batch(steps.embed(state, images, model=model, hp=hp), AXIS)
   return knn.nearest_neighbors(queries, rows, labels, num_instances=hp.layout.num_instances,
                                k=k, axis_name=AXIS)
 
@@ -314,7 +315,7 @@ class Searcher:
     n = trainer.layout.num_instances
     k = min(k, n)
     if k not in self._search:
-      self._search[k] = train.pmapped(_search_step, model=trainer.model, hp=trainer.hp, k=k)
+      self._search[k] = steps.pmapped(_search_step, model=trainer.model, hp=trainer.hp, k=k)
     # Global batches of at most the run's eval batch, as small as the queries allow (a whole
     # number per device), so a few queries are not padded to a thousand.
     devices = jax.device_count()
@@ -342,7 +343,7 @@ class Searcher:
     threshold_array = parallel.replicate(np.float32(threshold))
     while True:
       if k not in self._pairs:
-        self._pairs[k] = train.pmapped(_pairs_step, num_instances=layout.num_instances, k=k)
+        self._pairs[k] = steps.pmapped(_pairs_step, num_instances=layout.num_instances, k=k)
       partners = self._pairs[k](self.rows, threshold_array)
       counts = _all_shards(partners.counts, layout)
       total = int(counts.sum())

@@ -1,166 +1,58 @@
-"""Training: the train state, the pmapped train step, evaluation steps and the training loop.
+"""The training loop: `Trainer` builds a run from its config, restores it and trains it.
 
-`train_step` is a pure function of (state, batch) whose body uses only named-axis collectives
-over `parallel.AXIS`; `jax.pmap` maps it over every device of every process. Per step, the
-devices exchange the batch's features and instance indices (B x d and B numbers), B-sized
-per-example statistics and a few scalars, plus the encoder gradients and BatchNorm running
-statistics that any data-parallel step exchanges; nothing grows with n or m.
+The step itself (`instdisc_jax.step`) is pure; this module feeds it batches, writes metrics and
+checkpoints, runs the periodic and final kNN, and stops cleanly on a signal.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import logging
 import os
 import time
-from typing import Any, Optional
+from typing import Optional
 
 from etils import epath
-import flax.struct
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 import tqdm
 
 from instdisc_jax import augment
 from instdisc_jax import config_validation
 from instdisc_jax import data
-from instdisc_jax import default_config
-from instdisc_jax import knn
-from instdisc_jax import memory_bank
 from instdisc_jax import models
-from instdisc_jax import noise as noise_lib
-from instdisc_jax import objectives
 from instdisc_jax import optim
 from instdisc_jax import parallel
-from instdisc_jax import sharding
 from instdisc_jax.checkpointing import CHECKPOINTS_DIR
 from instdisc_jax.checkpointing import Checkpointer
 from instdisc_jax.checkpointing import check_compatible
+from instdisc_jax.config_io import RESULTS_NAME
+from instdisc_jax.config_io import incompatible_fields
+from instdisc_jax.config_io import run_meta
+from instdisc_jax.config_io import save_config
 from instdisc_jax.errors import NonFiniteLossError
 from instdisc_jax.errors import UserError
-from instdisc_jax.errors import one_line
 from instdisc_jax.memory_bank import MemoryBank
 from instdisc_jax.metric_writers import MetricWriter
 from instdisc_jax.parallel import AXIS
+from instdisc_jax.preemption import Preempted
 from instdisc_jax.preemption import StopSignal
 from instdisc_jax.sharding import ShardLayout
+from instdisc_jax.steps import INSTANCE_SHARDED_KEYS
+from instdisc_jax.steps import StepConfig
+from instdisc_jax.steps import TrainState
+from instdisc_jax.steps import init_state
+from instdisc_jax.steps import knn_eval_step
+from instdisc_jax.steps import pmapped
+from instdisc_jax.steps import train_step
+from instdisc_jax.steps import write_features_step
 from instdisc_jax.workdir import WorkdirLock
 from instdisc_jax.workdir import create_workdir
 
 log = logging.getLogger(__name__)
-
-# Leaves of the train state that are sharded along the instance axis (everything else is
-# replicated): the bank and the parametric softmax weights, with their optimizer traces.
-INSTANCE_SHARDED_KEYS = ("rows", "instance_weights")
-
-
-@flax.struct.dataclass
-class TrainState:
-  """Everything a step reads and writes. Outside the step every leaf has a leading device axis.
-
-  Attributes:
-    step: number of steps taken.
-    params: {"encoder": Flax params} plus {"instance_weights": (rows_per_shard, d)} for the
-      parametric softmax.
-    batch_stats: BatchNorm running statistics (kept identical on all devices).
-    opt_state: optax state of `params`.
-    bank: the memory bank shard (pre-step values during a step).
-    partition: the NCE partition estimate Z (replicated).
-    key: base PRNG key data; the key of step s is fold_in(key, s), so resuming needs no RNG
-      state beyond the step.
-  """
-
-  step: jax.Array
-  params: Any
-  batch_stats: Any
-  opt_state: Any
-  bank: MemoryBank
-  partition: objectives.Partition
-  key: jax.Array
-
-
-@dataclasses.dataclass(frozen=True)
-class StepConfig:
-  """The static hyper-parameters of the step (hashable, closed over by pmap)."""
-
-  objective: str
-  temperature: float
-  num_negatives: int
-  shared_noise: bool
-  z_mode: str
-  z_momentum: float
-  bank_momentum: float
-  proximal_weight: float
-  layout: ShardLayout
-  global_batch: int
-  augment: augment.AugmentConfig
-  knn_k: int
-  knn_temperature: float
-  num_classes: int
-
-  @classmethod
-  def from_config(cls, config: ml_collections.ConfigDict, layout: ShardLayout,
-                  augment_config: augment.AugmentConfig, num_classes: int) -> "StepConfig":
-    return cls(objective=config.objective, temperature=config.temperature,
-               num_negatives=config.num_negatives, shared_noise=config.shared_noise,
-               z_mode=config.z_mode, z_momentum=config.z_momentum,
-               bank_momentum=config.bank_momentum, proximal_weight=config.proximal_weight,
-               layout=layout, global_batch=config.batch_size, augment=augment_config,
-               knn_k=config.knn_k, knn_temperature=config.knn_temperature,
-               num_classes=num_classes)
-
-  @property
-  def uses_noise(self) -> bool:
-    return self.objective in ("nce", "infonce")
-
-
-# ------------------------------------------------------------------------------------------------
-# Initialisation.
-# ------------------------------------------------------------------------------------------------
-
-
-def init_state(key: jax.Array, *, model, tx: optax.GradientTransformation, hp: StepConfig,
-               image_shape, low_dim: int, bank_init: str, bank_dtype) -> TrainState:
-  """The initial state of THIS device (call under pmap: the bank shard is the device's own).
-
-  `key` must be the same on every device: params are identical everywhere, and bank row i
-  depends only on (key, i).
-  """
-  model_key, bank_key = jax.random.split(key)
-  variables = model.init(model_key, jnp.zeros((1,) + tuple(image_shape), jnp.float32),
-                         train=False)
-  params = {"encoder": variables["params"]}
-  layout = hp.layout
-  shard = sharding.shard_index(AXIS)
-  init = "uniform" if bank_init == "features" else bank_init
-  rows = memory_bank.init_shard_rows(bank_key, layout, low_dim, shard, init=init,
-                                     dtype=bank_dtype)
-  if hp.objective == "parametric_softmax":
-    params["instance_weights"] = memory_bank.init_shard_rows(
-        jax.random.fold_in(bank_key, 1), layout, low_dim, shard, init="uniform")
-  return TrainState(
-      step=jnp.zeros((), jnp.int32), params=params,
-      batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params),
-      bank=MemoryBank(rows=rows, num_instances=layout.num_instances,
-                      num_shards=layout.num_shards),
-      partition=objectives.Partition.create(), key=jax.random.key_data(key))
-
-
-# ------------------------------------------------------------------------------------------------
-# The train step.
-# ------------------------------------------------------------------------------------------------
-
-
-def step_keys(state: TrainState):
-  """(augmentation key of this device, noise key shared by all devices) for this step."""
-  step_key = jax.random.fold_in(jax.random.wrap_key_data(state.key), state.step)
-  noise_key, augment_key = jax.random.split(step_key)
-  return jax.random.fold_in(augment_key, sharding.shard_index(AXIS)), noise_key
 
 
 def build_model(config: ml_collections.ConfigDict) -> models.ResNet:
@@ -170,144 +62,6 @@ def build_model(config: ml_collections.ConfigDict) -> models.ResNet:
       bn_axis_name=AXIS if config.cross_device_bn else None,
       head_batchnorm=config.head_batchnorm,
       **({"width": config.model_width} if config.model_width else {}))
-
-
-def compute_objective(hp: StepConfig, params, features, indices, bank: MemoryBank,
-                      noise: Optional[noise_lib.NoiseSample], partition: objectives.Partition,
-                      rows: memory_bank.StepRows):
-  """This device's loss share for the configured objective (+ proximal term), and its aux.
-
-  `rows` are the step's pre-step bank rows, gathered once (`objectives.step_rows`).
-  """
-  if hp.objective == "nce":
-    share, aux = objectives.nce_loss(features, indices, bank, noise, partition,
-                                     temperature=hp.temperature, z_mode=hp.z_mode,
-                                     z_momentum=hp.z_momentum, axis_name=AXIS, rows=rows)
-  elif hp.objective == "infonce":
-    share, aux = objectives.infonce_loss(features, indices, bank, noise,
-                                         temperature=hp.temperature, axis_name=AXIS, rows=rows)
-  elif hp.objective == "softmax":
-    share, aux = objectives.softmax_loss(features, indices, bank, temperature=hp.temperature,
-                                         axis_name=AXIS, rows=rows)
-  elif hp.objective == "parametric_softmax":
-    share, aux = objectives.parametric_softmax_loss(
-        features, indices, params["instance_weights"], num_instances=bank.num_instances,
-        temperature=hp.temperature, axis_name=AXIS)
-  else:
-    raise ValueError(f"unknown objective {hp.objective!r}")
-  if hp.proximal_weight:
-    prox = objectives.proximal_term(features, indices, bank, weight=hp.proximal_weight,
-                                    axis_name=AXIS, rows=rows)
-    share = share + prox
-    aux["metrics"]["proximal"] = objectives.global_loss(prox, AXIS)
-  return share, aux
-
-
-def train_step(state: TrainState, batch, *, model, tx: optax.GradientTransformation,
-               hp: StepConfig, learning_rate_fn):
-  """One SGD step on this device's part of the global batch (call under pmap over AXIS).
-
-  batch: {"image": uint8 (b, H, W, C), "index": int32 (b,)} for this device.
-  Returns (new state, metrics), the metrics identical on every device.
-  """
-  augment_key, noise_key = step_keys(state)
-  images = augment.train_augment(augment_key, batch["image"], hp.augment)
-  indices = sharding.gather_batch(batch["index"], AXIS)
-  noise = None
-  if hp.uses_noise:
-    noise = noise_lib.sample(noise_key, hp.layout, hp.num_negatives, hp.global_batch,
-                             shared=hp.shared_noise, axis_name=AXIS)
-  # Every bank row the step reads, in one gather (see memory_bank.StepRows).
-  rows = objectives.step_rows(state.bank, indices, noise, AXIS)
-
-  def loss_fn(params):
-    features, new_model_state = model.apply(
-        {"params": params["encoder"], "batch_stats": state.batch_stats}, images, train=True,
-        mutable=["batch_stats"])
-    features = sharding.gather_batch(features, AXIS)          # (B, d): the global batch
-    share, aux = compute_objective(hp, params, features, indices, state.bank, noise,
-                                   state.partition, rows)
-    return share, (aux, new_model_state, features)
-
-  (share, (aux, new_model_state, features)), grads = jax.value_and_grad(
-      loss_fn, has_aux=True)(state.params)
-  # Encoder gradients: each device holds d(total loss)/d(its examples); sum them. Instance-
-  # sharded gradients are already complete on their shard.
-  grads = dict(grads, encoder=jax.lax.psum(grads["encoder"], AXIS))
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
-  # Running BN statistics are per device during the step (as the reference); keep the
-  # replicated copy identical by averaging them.
-  batch_stats = jax.lax.pmean(new_model_state["batch_stats"], AXIS)
-  bank = memory_bank.update(state.bank, rows, features, momentum=hp.bank_momentum)
-
-  metrics = dict(aux["metrics"], loss=objectives.global_loss(share, AXIS),
-                 learning_rate=learning_rate_fn(state.step))
-  new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
-                            opt_state=opt_state, bank=bank,
-                            partition=aux.get("partition", state.partition))
-  return new_state, metrics
-
-
-# ------------------------------------------------------------------------------------------------
-# Evaluation steps.
-# ------------------------------------------------------------------------------------------------
-
-
-def embed(state: TrainState, images, *, model, hp: StepConfig, return_pooled: bool = False):
-  """Features of uint8 images under the eval transform (no augmentation), this device's part."""
-  return model.apply({"params": state.params["encoder"], "batch_stats": state.batch_stats},
-                     augment.eval_transform(images, hp.augment), train=False,
-                     return_pooled=return_pooled)
-
-
-def knn_eval_step(state: TrainState, batch, bank_rows, bank_labels, *, model, hp: StepConfig):
-  """Top-1/top-5 hit counts of the weighted kNN for a global eval batch against a bank.
-
-  batch: this device's {"image", "label", "mask"}; padding rows (mask False) are not counted.
-  Returns counts identical on every device (all devices score all queries of the batch).
-  """
-  queries = sharding.gather_batch(embed(state, batch["image"], model=model, hp=hp), AXIS)
-  targets = sharding.gather_batch(batch["label"], AXIS)
-  valid = sharding.gather_batch(batch["mask"], AXIS)
-  scores = knn.knn_classify(queries, bank_rows, bank_labels,
-                            num_instances=hp.layout.num_instances, num_classes=hp.num_classes,
-                            k=hp.knn_k, temperature=hp.knn_temperature, axis_name=AXIS)
-  counts = knn.count_correct(scores, targets, valid=valid)
-  counts["total"] = jnp.sum(valid, dtype=jnp.int32)
-  return counts
-
-
-def write_features_step(state: TrainState, bank: MemoryBank, batch, *, model, hp: StepConfig):
-  """Writes eval-transform features of a batch of training images into `bank` (its own rows).
-
-  Used to fill the bank from the initial network (`bank_init = features`) and to recompute
-  the training features for the final kNN.
-  """
-  features = sharding.gather_batch(embed(state, batch["image"], model=model, hp=hp), AXIS)
-  indices = sharding.gather_batch(batch["index"], AXIS)
-  valid = sharding.gather_batch(batch["mask"], AXIS)
-  return memory_bank.write(bank, indices, features, axis_name=AXIS, valid=valid)
-
-
-def pmapped(fn, donate_argnums=(), **static):
-  """`jax.pmap(functools.partial(fn, **static))` over every device, on AXIS."""
-  return jax.pmap(functools.partial(fn, **static), axis_name=AXIS,
-                  donate_argnums=donate_argnums)
-
-
-# ------------------------------------------------------------------------------------------------
-# The training loop.
-# ------------------------------------------------------------------------------------------------
-
-
-class Preempted(Exception):
-  """SIGTERM/SIGINT arrived; a checkpoint of the last completed step was written."""
-
-  def __init__(self, step: int, signal_name: str):
-    super().__init__(f"stopped by {signal_name} after step {step}; checkpoint written, rerun the "
-                     "same command to resume")
-    self.step = step
 
 
 def augment_config(config: ml_collections.ConfigDict, split) -> augment.AugmentConfig:
@@ -323,24 +77,6 @@ def augment_config(config: ml_collections.ConfigDict, split) -> augment.AugmentC
       crop_scale=(config.augment.crop_scale_min, 1.0), crop_on_device=split.fixed_size,
       grayscale_prob=config.augment.grayscale_prob, brightness=jitter, contrast=jitter,
       saturation=jitter, hue=jitter, flip=config.augment.flip)
-
-
-def run_meta(config: ml_collections.ConfigDict, layout: ShardLayout, dataset_fingerprint: str):
-  """What a checkpoint's shapes and meaning depend on (compared on resume)."""
-  return {
-      "num_instances": layout.num_instances, "num_devices": layout.num_shards,
-      "low_dim": config.low_dim, "model": config.model, "model_width": config.model_width,
-      "head_batchnorm": config.head_batchnorm,
-      "objective": config.objective, "bank_dtype": config.bank_dtype,
-      "image_size": config.image_size, "dataset": config.dataset,
-      "dataset_fingerprint": dataset_fingerprint,
-  }
-
-
-def incompatible_fields(saved: dict, current: dict) -> list[str]:
-  """Fields of `run_meta` that differ, as 'name (saved X, now Y)' strings."""
-  return [f"{k} (saved {saved.get(k)!r}, now {current[k]!r})"
-          for k in current if saved.get(k) != current[k]]
 
 
 @dataclasses.dataclass
@@ -646,50 +382,6 @@ class _Throughput:
     rate = (step - self._step) * batch_size / max(now - self._time, 1e-9)
     self._step, self._time = step, now
     return rate
-
-
-CONFIG_NAME = "config.json"
-RESULTS_NAME = "results.json"           # The final kNN accuracies, written by `final_evaluation`.
-
-
-def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
-  """Writes the run's config to `<workdir>/config.json` (process 0), for the evaluator."""
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, CONFIG_NAME), "w") as f:
-      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
-
-
-def load_config(workdir: str) -> ml_collections.ConfigDict:
-  """The config a workdir was trained with (the schema's defaults for fields it lacks)."""
-  path = os.path.join(workdir, CONFIG_NAME)
-  if not os.path.exists(path):
-    raise UserError(f"{path} not found: --workdir must be a directory written by "
-                    "instdisc_jax.main")
-  try:
-    with open(path) as f:
-      saved = json.load(f)
-    if not isinstance(saved, dict):
-      raise ValueError(f"a JSON {type(saved).__name__}, not an object")
-    config = default_config.get_config()
-    config.update_from_flattened_dict(_flatten(saved))
-    # Fields it does not know, or values no run could have trained with, are damage too.
-    config_validation.validate(config)
-  except (OSError, ValueError, KeyError, TypeError, AttributeError, UserError) as e:
-    reason = str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {one_line(e)}"
-    raise UserError(
-        f"{path} is damaged ({reason}); rerun training with the run's command line, which "
-        "writes it again, or restore it from a copy") from e
-  return config
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict:
-  flat = {}
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      flat.update(_flatten(value, f"{prefix}{key}."))
-    else:
-      flat[f"{prefix}{key}"] = tuple(value) if isinstance(value, list) else value
-  return flat
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,

@@ -31,6 +31,7 @@ import tiny_run
 
 from instdisc_jax import checkpointing
 from instdisc_jax import cli
+from instdisc_jax import config_io
 from instdisc_jax import data
 from instdisc_jax import main as main_lib
 from instdisc_jax import parallel
@@ -459,7 +460,7 @@ def used_workdir(root, npz="tiny.npz", steps=4) -> str:
   checkpointer.save(steps, {"w": parallel.replicate(np.zeros(3, np.float32))}, {"step": steps},
                     trainer.meta)
   checkpointer.close()
-  train.save_config(config, workdir)
+  config_io.save_config(config, workdir)
   data.check_fingerprint(workdir, trainer.train_split)
   write_file(root, "run/metrics.jsonl", json.dumps({"step": steps, "loss": 1.0}) + "\n")
   return workdir
@@ -763,7 +764,7 @@ def evaluator_root(tmp_path_factory):
   root = str(tmp_path_factory.mktemp("evaluator"))
   npz = tiny_run.write_npz(os.path.join(root, "tiny.npz"))
   os.makedirs(os.path.join(root, "trained"))
-  train.save_config(tiny_run.config(npz), os.path.join(root, "trained"))
+  config_io.save_config(tiny_run.config(npz), os.path.join(root, "trained"))
   for name, text in EVALUATOR_WORKDIRS.items():
     os.makedirs(os.path.join(root, name))
     if text is not None:

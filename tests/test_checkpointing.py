@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 
 from instdisc_jax import checkpointing
+from instdisc_jax import config_io
 from instdisc_jax import parallel
-from instdisc_jax import train
 from instdisc_jax.checkpointing import Checkpointer
 from instdisc_jax.errors import NonFiniteLossError
 from instdisc_jax.errors import WorkdirError
@@ -70,7 +70,7 @@ def saved(tmp_path):
 def restore(workdir, meta=META):
   checkpointer = Checkpointer(workdir, keep=2, sharded_keys=SHARDED)
   try:
-    return checkpointer.restore(make_state(), meta, compatible=train.incompatible_fields), \
+    return checkpointer.restore(make_state(), meta, compatible=config_io.incompatible_fields), \
         checkpointer.all_steps()
   finally:
     checkpointer.close()
@@ -233,12 +233,12 @@ def test_incompatible_run_is_refused_with_the_differing_fields(saved):
               "model (saved 'small_resnet', now 'resnet50'); use a new --workdir or the "
               "original config")
   with pytest.raises(WorkdirError) as error:
-    checkpointing.check_compatible(workdir, other, train.incompatible_fields)
+    checkpointing.check_compatible(workdir, other, config_io.incompatible_fields)
   assert str(error.value) == expected
   with pytest.raises(WorkdirError) as error:
     restore(workdir, other)
   assert str(error.value) == expected
-  checkpointing.check_compatible(workdir, META, train.incompatible_fields)
+  checkpointing.check_compatible(workdir, META, config_io.incompatible_fields)
 
 
 def test_checksums_do_not_depend_on_the_layout():

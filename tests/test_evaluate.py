@@ -13,6 +13,7 @@ from PIL import Image
 import pytest
 import tiny_run
 
+from instdisc_jax import config_io
 from instdisc_jax import evaluate
 from instdisc_jax import knn
 from instdisc_jax import train
@@ -242,7 +243,7 @@ def test_curves_and_results_file(evaluated):
 
 @pytest.mark.slow  # trains a tiny run, then evaluates it
 def test_a_workdir_without_a_checkpoint_is_refused(evaluated, tmp_path):
-  shutil.copy(os.path.join(evaluated[0], train.CONFIG_NAME), tmp_path)
+  shutil.copy(os.path.join(evaluated[0], config_io.CONFIG_NAME), tmp_path)
   with pytest.raises(UserError, match="has no checkpoint"):
     evaluate.evaluate(str(tmp_path), eval_config.get_config(runlocal=True))
   cli = subprocess.run([sys.executable, "-m", "instdisc_jax.evaluate", f"--workdir={tmp_path}"],

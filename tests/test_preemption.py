@@ -10,7 +10,7 @@ import signal
 import pytest
 
 from instdisc_jax import cli
-from instdisc_jax import train
+from instdisc_jax import preemption
 from instdisc_jax.preemption import EXIT_PREEMPTED
 from instdisc_jax.preemption import StopSignal
 
@@ -43,7 +43,7 @@ def test_first_signal_wins_and_a_second_ctrl_c_interrupts():
 def test_preempted_exits_with_its_own_status(capsys):
   with pytest.raises(SystemExit) as exit_info:
     with cli.user_errors_exit():
-      raise train.Preempted(7, "SIGTERM")
+      raise preemption.Preempted(7, "SIGTERM")
   assert exit_info.value.code == EXIT_PREEMPTED == 75
   assert capsys.readouterr().err == (
       "stopped by SIGTERM after step 7; checkpoint written, rerun the same command to resume\n")

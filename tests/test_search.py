@@ -15,10 +15,12 @@ from PIL import Image
 import pytest
 import tiny_run
 
+from instdisc_jax import config_io
 from instdisc_jax import export_encoder
 from instdisc_jax import parallel
 from instdisc_jax import plots
 from instdisc_jax import search
+from instdisc_jax import steps
 from instdisc_jax import train
 from instdisc_jax.sharding import ShardLayout
 
@@ -221,13 +223,13 @@ assert not [name for name in sys.modules if name.startswith("instdisc_jax")]
 def restored(run):
   """The tiny run restored in this process, with 7 of its images and their `embed` features."""
   root, workdir = run
-  trainer = train.Trainer(train.load_config(str(workdir)), str(workdir))
+  trainer = train.Trainer(config_io.load_config(str(workdir)), str(workdir))
   trainer.restore_for_evaluation()
   trainer.close()
   files = sorted(str(p) for p in (root / "class1").glob("img*.png"))[:7]
   images = search.load_queries(files, trainer.train_split, trainer.config.image_size)
   state = jax.tree.map(parallel.first_replica, trainer.state)
-  features = np.asarray(train.embed(state, images, model=trainer.model, hp=trainer.hp))
+  features = np.asarray(steps.embed(state, images, model=trainer.model, hp=trainer.hp))
   return trainer, images, features
 
 
@@ -292,7 +294,7 @@ def test_bad_input_is_one_line_and_exit_2(run, tmp_path, case, message):
   elif case == "no_checkpoint":
     empty = tmp_path / "empty"
     empty.mkdir()
-    shutil.copy(workdir / train.CONFIG_NAME, empty)
+    shutil.copy(workdir / config_io.CONFIG_NAME, empty)
     workdir = empty
   out = tmp_path / "out"
   result = program("search", f"--workdir={workdir}", f"--query={query}", f"--out={out}", *flags)
@@ -314,7 +316,7 @@ def test_export_refuses_an_out_that_holds_an_export_and_a_workdir_without_checkp
   assert (out / export_encoder.PARAMS_NAME).read_text() == "mine"
   empty = tmp_path / "empty"
   empty.mkdir()
-  shutil.copy(workdir / train.CONFIG_NAME, empty)
+  shutil.copy(workdir / config_io.CONFIG_NAME, empty)
   result = program("export_encoder", f"--workdir={empty}", f"--out={tmp_path / 'new'}")
   assert result.returncode == 2 and "has no checkpoint" in result.stderr.splitlines()[-1]
   assert not (tmp_path / "new").exists()

@@ -10,7 +10,9 @@ import pytest
 import tiny_run
 
 from instdisc_jax import augment
+from instdisc_jax import config_io
 from instdisc_jax import parallel
+from instdisc_jax import steps
 from instdisc_jax import train
 from instdisc_jax.parallel import AXIS
 
@@ -52,7 +54,7 @@ def test_trains_evaluates_and_checkpoints(trained, tiny_npz):
   assert len(losses) == 6 and np.isfinite(losses).all()       # logged every 2 steps
   assert any("knn_bank/top1" in r for r in records)             # the epoch-1 evaluation
   assert json.load(open(os.path.join(workdir, "results.json"))) == results
-  assert train.load_config(workdir) == tiny_config(tiny_npz)
+  assert config_io.load_config(workdir) == tiny_config(tiny_npz)
 
 
 def test_resumes_from_the_last_checkpoint(trained, tiny_npz, tmp_path):
@@ -78,7 +80,7 @@ def test_bank_row_i_is_written_from_image_i(tiny_npz, tmp_path):
   device_batch = parallel.shard_local_batch({"image": batch["image"], "index": batch["index"]})
 
   def features_of_step(state, device_batch):
-    augment_key, _ = train.step_keys(state)
+    augment_key, _ = steps.step_keys(state)
     augmented = augment.train_augment(augment_key, device_batch["image"], trainer.hp.augment)
     features, _ = trainer.model.apply(
         {"params": state.params["encoder"], "batch_stats": state.batch_stats}, augmented,

@@ -17,6 +17,7 @@ import pytest
 import tiny_run
 
 from instdisc_jax import checkpointing
+from instdisc_jax import config_io
 from instdisc_jax import parallel
 from instdisc_jax import train
 from instdisc_jax import workdir as workdir_lib
@@ -129,7 +130,7 @@ def used_workdir(npz, tmp_path):
   checkpointer.save(4, {"w": parallel.replicate(np.zeros(3, np.float32))}, {"step": 4},
                     trainer.meta)
   checkpointer.close()
-  train.save_config(config, str(tmp_path))
+  config_io.save_config(config, str(tmp_path))
   from instdisc_jax import data  # pylint: disable=g-import-not-at-top
   data.check_fingerprint(str(tmp_path), trainer.train_split)
   return str(tmp_path)

@@ -18,6 +18,7 @@ import re
 import jax
 import numpy as np
 
+from instdisc_jax import steps
 from instdisc_jax import train
 from instdisc_jax.evaluation import features as features_lib
 
@@ -67,7 +68,7 @@ class Export:
       if process and int(process.group(1)) >= jax.process_count():
         os.remove(stale)
 
-  def run(self, state: train.TrainState) -> dict:
+  def run(self, state: steps.TrainState) -> dict:
     splits = {"train": self.trainer.train_split, "eval": self.trainer.eval_split}
     patterns = {}
     for role, split in splits.items():

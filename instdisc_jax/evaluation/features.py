@@ -26,6 +26,7 @@ import numpy as np
 from instdisc_jax import data
 from instdisc_jax import parallel
 from instdisc_jax import sharding
+from instdisc_jax import steps
 from instdisc_jax import train
 from instdisc_jax.data import images as images_lib
 from instdisc_jax.parallel import AXIS
@@ -107,10 +108,10 @@ def take_rows(table: jax.Array, indices: jax.Array, *, layout: ShardLayout,
   return sharding.psum(mine, axis_name)
 
 
-def _extract_step(state: train.TrainState, tables: dict, batch, *, model, hp: train.StepConfig,
+def _extract_step(state: steps.TrainState, tables: dict, batch, *, model, hp: steps.StepConfig,
                   layout: ShardLayout) -> dict:
   """Features of this device's part of an eval batch, written into the owners' shards."""
-  embedding, pooled = train.embed(state, batch["image"], model=model, hp=hp, return_pooled=True)
+  embedding, pooled = steps.embed(state, batch["image"], model=model, hp=hp, return_pooled=True)
   indices, valid = (sharding.gather_batch(batch[name], AXIS) for name in ("index", "mask"))
   values = {"embedding": embedding, "pooled": pooled, "labels": batch["label"]}
   return {name: write_rows(tables[name], indices, sharding.gather_batch(values[name], AXIS),
@@ -165,14 +166,14 @@ class FeatureCache:
     """The split's instance layout over all devices (the bank's, for the training split)."""
     return ShardLayout(split.num_examples, jax.device_count())
 
-  def get(self, state: train.TrainState, split) -> Features:
+  def get(self, state: steps.TrainState, split) -> Features:
     """The features of `split` under `state`'s network (computed again for another state)."""
     if state is not self._state:
       self._state, self._cache = state, {}
     if split.name not in self._cache:
       layout = self.layout(split)
       if layout not in self._p_extract:
-        self._p_extract[layout] = train.pmapped(
+        self._p_extract[layout] = steps.pmapped(
             _extract_step, donate_argnums=(1,), model=self.trainer.model, hp=self.trainer.hp,
             layout=layout)
       # The embedding head maps the pooled features to low_dim: its kernel has both sizes.
@@ -186,7 +187,7 @@ class FeatureCache:
       self._cache[split.name] = Features(**tables, layout=layout)
     return self._cache[split.name]
 
-  def bank_rows(self, state: train.TrainState) -> jax.Array:
+  def bank_rows(self, state: steps.TrainState) -> jax.Array:
     """Recomputed training features as bank rows (the bank's layout and dtype)."""
     rows = self.get(state, self.trainer.train_split).embedding
     dtype = state.bank.rows.dtype
@@ -195,7 +196,7 @@ class FeatureCache:
   def take(self, table: jax.Array, layout: ShardLayout, indices: np.ndarray) -> np.ndarray:
     """Host copy of rows `indices` of a sharded table: a few rows, for pictures."""
     if layout not in self._p_take:
-      self._p_take[layout] = train.pmapped(_take_step, layout=layout)
+      self._p_take[layout] = steps.pmapped(_take_step, layout=layout)
     rows = self._p_take[layout](table, parallel.replicate(np.asarray(indices, np.int32)))
     return parallel.first_replica(rows)
 

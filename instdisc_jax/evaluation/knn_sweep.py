@@ -21,6 +21,7 @@ import numpy as np
 from instdisc_jax import knn
 from instdisc_jax import parallel
 from instdisc_jax import sharding
+from instdisc_jax import steps
 from instdisc_jax import train
 from instdisc_jax.evaluation import features as features_lib
 from instdisc_jax.parallel import AXIS
@@ -93,13 +94,13 @@ class KnnSweep:
                           query_layout.rows_per_shard)
     self.num_chunks = -(-query_layout.rows_per_shard // self.chunk_rows)
     n = trainer.layout.num_instances
-    self._p_sweep = train.pmapped(_sweep_step, query_layout=query_layout,
+    self._p_sweep = steps.pmapped(_sweep_step, query_layout=query_layout,
                                   chunk_rows=self.chunk_rows, num_instances=n,
                                   num_classes=trainer.num_classes,
                                   ks=tuple(sorted({min(k, n) for k in ks})),
                                   temperatures=tuple(temperatures))
 
-  def run(self, state: train.TrainState) -> dict:
+  def run(self, state: steps.TrainState) -> dict:
     queries = self.cache.get(state, self.trainer.eval_split)
     results = {}
     for bank in self.banks:

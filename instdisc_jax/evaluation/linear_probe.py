@@ -32,6 +32,7 @@ import optax
 
 from instdisc_jax import parallel
 from instdisc_jax import sharding
+from instdisc_jax import steps
 from instdisc_jax import train
 from instdisc_jax.evaluation import features as features_lib
 from instdisc_jax.parallel import AXIS
@@ -231,7 +232,7 @@ class LinearProbe:
     self.kinds = tuple(kinds)
     self.probe = Probe(trainer.num_classes, config)
 
-  def run(self, state: train.TrainState) -> dict:
+  def run(self, state: steps.TrainState) -> dict:
     train_features = self.cache.get(state, self.trainer.train_split)
     test_features = self.cache.get(state, self.trainer.eval_split)
     host_labels = self.trainer.train_split.labels

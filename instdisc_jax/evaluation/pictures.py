@@ -20,6 +20,7 @@ from instdisc_jax import knn
 from instdisc_jax import metric_writers
 from instdisc_jax import parallel
 from instdisc_jax import plots
+from instdisc_jax import steps
 from instdisc_jax import train
 from instdisc_jax.evaluation import features as features_lib
 from instdisc_jax.parallel import AXIS
@@ -71,10 +72,10 @@ class RetrievalGrid:
     self.from_train = trainer.eval_split is None
     n = trainer.layout.num_instances
     self.k = min(num_neighbors, n - 1 if self.from_train else n)
-    self._p_neighbors = train.pmapped(_neighbors_step, num_instances=n,
+    self._p_neighbors = steps.pmapped(_neighbors_step, num_instances=n,
                                       k=min(self.k + self.from_train, n))
 
-  def run(self, state: train.TrainState) -> dict:
+  def run(self, state: steps.TrainState) -> dict:
     trainer = self.trainer
     query_split = trainer.train_split if self.from_train else trainer.eval_split
     query_features = self.cache.get(state, query_split)
@@ -118,7 +119,7 @@ class TrainingCurves:
                                     if config.objective in ("nce", "infonce") else "")
     self.title = f"{config.dataset}, {objective}: training loss vs test kNN accuracy"
 
-  def run(self, state: train.TrainState) -> dict:
+  def run(self, state: steps.TrainState) -> dict:
     del state  # The curves come from the run's log.
     if jax.process_index() != 0:
       return {"path": self.path}

@@ -33,6 +33,7 @@ from instdisc_jax import augment
 from instdisc_jax import data
 from instdisc_jax import parallel
 from instdisc_jax import sharding
+from instdisc_jax import steps
 from instdisc_jax import train
 from instdisc_jax.evaluation import features as features_lib
 from instdisc_jax.parallel import AXIS
@@ -192,11 +193,11 @@ class SemiSupervised:
     self.transform = dataclasses.replace(
         run_transform, crop_scale=(config.crop_scale_min, 1.0), crop_on_device=True,
         grayscale_prob=0.0, brightness=0.0, contrast=0.0, saturation=0.0, hue=0.0)
-    self._p_step = train.pmapped(_finetune_step, donate_argnums=(0,), model=self.model,
+    self._p_step = steps.pmapped(_finetune_step, donate_argnums=(0,), model=self.model,
                                  tx=self.tx, transform=self.transform, light=config.augment)
-    self._p_correct = train.pmapped(_correct_step, model=self.model, transform=self.transform)
+    self._p_correct = steps.pmapped(_correct_step, model=self.model, transform=self.transform)
 
-  def _initial_state(self, state: train.TrainState) -> FinetuneState:
+  def _initial_state(self, state: steps.TrainState) -> FinetuneState:
     """The pretrained encoder (first replica) with a fresh head, replicated on the devices."""
     encoder = jax.tree.map(parallel.first_replica, state.params["encoder"])
     batch_stats = jax.tree.map(parallel.first_replica, state.batch_stats)
@@ -209,7 +210,7 @@ class SemiSupervised:
         step=np.zeros((), np.int32), params=params, batch_stats={"encoder": batch_stats},
         opt_state=jax.tree.map(np.asarray, self.tx.init(params))))
 
-  def _finetune(self, state: train.TrainState, subset: np.ndarray) -> tuple[FinetuneState, float]:
+  def _finetune(self, state: steps.TrainState, subset: np.ndarray) -> tuple[FinetuneState, float]:
     """The fine-tuned classifier and its last step's loss (`config.steps` >= 1 steps)."""
     split, image_size = self.trainer.train_split, self.trainer.config.image_size
 
@@ -229,7 +230,7 @@ class SemiSupervised:
       total += int(parallel.first_replica(real))
     return 100.0 * correct / max(total, 1)
 
-  def run(self, state: train.TrainState) -> dict:
+  def run(self, state: steps.TrainState) -> dict:
     labels = self.trainer.train_split.labels
     results = {}
     for fraction in self.fractions:
