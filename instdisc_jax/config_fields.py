@@ -212,7 +212,10 @@ def field(default: Any, rule: Rule, doc: str, *, step: Union[bool, str] = False,
   """Declares a field (see `Field`); reads like a get_config line with its comment."""
   if not doc or "\n" in doc:
     raise ValueError(f"a field's doc is one non-empty line, got {doc!r}")
-  rule(f"<default {default!r}>", default)       # A default its own rule refuses is a bug.
+  try:
+    rule("default", default)
+  except ConfigError as e:                      # A default its own rule refuses is a bug.
+    raise ValueError(f"a field's default must pass its rule ({e})") from None
   return Field(default, rule, doc, step=step, identity=identity)
 
 
@@ -242,8 +245,14 @@ class Schema:
 
   def step_fields(self) -> dict[str, str]:
     """{StepConfig attribute: dotted field} of the fields tagged `step`."""
-    return {(f.step if isinstance(f.step, str) else name.rpartition(".")[2]): name
-            for name, f in self.fields() if f.step}
+    step_fields = {}
+    for name, f in self.fields():
+      if f.step:
+        attr = f.step if isinstance(f.step, str) else name.rpartition(".")[2]
+        if attr in step_fields:
+          raise ValueError(f"fields {step_fields[attr]} and {name} are both the step's {attr}")
+        step_fields[attr] = name
+    return step_fields
 
   def identity_fields(self) -> tuple[str, ...]:
     """The dotted names of the fields tagged `identity`, in declaration order."""

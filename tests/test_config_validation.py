@@ -215,7 +215,7 @@ def test_every_default_config_field_has_a_doc_and_a_rule_its_default_passes():
 def test_a_field_is_refused_without_a_doc_or_with_a_default_its_rule_refuses():
   with pytest.raises(ValueError, match="one non-empty line"):
     cf.field(1, cf.Integer(0), "")
-  with pytest.raises(ConfigError, match="must be >= 0"):
+  with pytest.raises(ValueError, match="default must pass its rule .*must be >= 0"):
     cf.field(-1, cf.Integer(0), "A count.")
 
 
