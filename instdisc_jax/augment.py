@@ -20,7 +20,6 @@ brightness and contrast apply.
 """
 
 import dataclasses
-import difflib
 import functools
 import math
 from typing import Any, Callable, Mapping, NamedTuple, NoReturn, Sequence
@@ -29,6 +28,7 @@ import dm_pix
 import jax
 import jax.numpy as jnp
 
+from instdisc_jax.config_fields import suggest
 from instdisc_jax.errors import ConfigError
 
 
@@ -124,9 +124,8 @@ class AugmentConfig:
     values = dict(config.items())
     for key in values:
       if key not in fields:
-        close = difflib.get_close_matches(key, fields, n=1)
-        hint = f"; did you mean {prefix}.{close[0]}?" if close else ""
-        raise ConfigError(f"{prefix}.{key}: unknown augmentation field{hint}")
+        raise ConfigError(f"{prefix}.{key}: unknown augmentation field"
+                          f"{suggest(key, fields, prefix=prefix + '.')}")
     for name, field in fields.items():
       if field.default is dataclasses.MISSING and name not in values:
         raise ConfigError(f"{prefix}.{name}: required augmentation field is not set")

@@ -2,7 +2,8 @@
 
 `save_config` writes the config a run trains with; `load_config` reads it back for the
 evaluator and the other programs that open a finished run. `run_meta` is what a checkpoint's
-shapes and meaning depend on; a resume compares it with `incompatible_fields`.
+shapes and meaning depend on (the schema's `identity` fields, `config_schema`); a resume
+compares it with `incompatible_fields`.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import ml_collections
 
 from instdisc_jax import config_validation
 from instdisc_jax import default_config
+from instdisc_jax.config_fields import get_field
+from instdisc_jax.config_schema import IDENTITY_FIELDS
 from instdisc_jax.errors import UserError
 from instdisc_jax.errors import one_line
 from instdisc_jax.sharding import ShardLayout
@@ -64,13 +67,11 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
 
 
 def run_meta(config: ml_collections.ConfigDict, layout: ShardLayout, dataset_fingerprint: str):
-  """What a checkpoint's shapes and meaning depend on (compared on resume)."""
+  """What a checkpoint's shapes and meaning depend on (compared on resume): the layout, the
+  fields the schema tags `identity` and the data's fingerprint."""
   return {
       "num_instances": layout.num_instances, "num_devices": layout.num_shards,
-      "low_dim": config.low_dim, "model": config.model, "model_width": config.model_width,
-      "head_batchnorm": config.head_batchnorm,
-      "objective": config.objective, "bank_dtype": config.bank_dtype,
-      "image_size": config.image_size, "dataset": config.dataset,
+      **{name: get_field(config, name) for name in IDENTITY_FIELDS},
       "dataset_fingerprint": dataset_fingerprint,
   }
 

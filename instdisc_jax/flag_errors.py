@@ -26,6 +26,7 @@ from typing import Optional, Sequence
 from absl import flags
 import ml_collections
 
+from instdisc_jax.config_fields import unknown_field_hint
 from instdisc_jax.errors import UserError
 from instdisc_jax.errors import one_line
 
@@ -100,9 +101,7 @@ def _unknown_field(name: str, config: ml_collections.ConfigDict, field: str,
     if not isinstance(group, ml_collections.ConfigDict):
       return None
     if part not in group:
-      from instdisc_jax import config_validation  # pylint: disable=g-import-not-at-top  # jax
-      hint = config_validation.unknown_field_hint(part, group.keys(),
-                                                  ".".join([name] + parts[:depth]))
+      hint = unknown_field_hint(part, group.keys(), ".".join([name] + parts[:depth]))
       return f"{name}.{'.'.join(parts[:depth + 1])} is not a config field{hint} (from {arg})"
     group = group[part]
   return None

@@ -16,7 +16,6 @@ BatchNorm statistics are per device by default (as the reference's `DataParallel
 `bn_axis_name` to the mapped axis name to average them over devices instead.
 """
 
-import difflib
 import functools
 from typing import Any, Callable, Sequence
 
@@ -25,6 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from instdisc_jax import memory_bank
+from instdisc_jax.config_fields import suggest
 from instdisc_jax.errors import ConfigError
 
 ModuleDef = Any
@@ -188,9 +188,8 @@ def get_model(name: str, **kwargs: Any) -> ResNet:
   """Builds the encoder registered as `name` (see `MODELS`); `kwargs` set `ResNet` fields."""
   if name not in MODELS:
     valid = ", ".join(sorted(MODELS))
-    close = difflib.get_close_matches(str(name), MODELS, n=1)
-    hint = f"; did you mean {close[0]!r}?" if close else ""
-    raise ConfigError(f"model: unknown model {name!r}, valid names are {valid}{hint}")
+    raise ConfigError(f"model: unknown model {name!r}, valid names are {valid}"
+                      f"{suggest(name, MODELS)}")
   # Config lists (e.g. stage_sizes) become tuples so the module stays hashable.
   kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
   return MODELS[name](**kwargs)

@@ -29,6 +29,8 @@ from instdisc_jax import memory_bank
 from instdisc_jax import noise as noise_lib
 from instdisc_jax import objectives
 from instdisc_jax import sharding
+from instdisc_jax.config_fields import get_field
+from instdisc_jax.config_schema import STEP_FIELDS
 from instdisc_jax.memory_bank import MemoryBank
 from instdisc_jax.parallel import AXIS
 from instdisc_jax.sharding import ShardLayout
@@ -65,7 +67,11 @@ class TrainState:
 
 @dataclasses.dataclass(frozen=True)
 class StepConfig:
-  """The static hyper-parameters of the step (hashable, closed over by pmap)."""
+  """The static hyper-parameters of the step (hashable, closed over by pmap).
+
+  The config fields among them are those `config_schema.SCHEMA` tags `step` (batch_size is
+  `global_batch`); `layout`, `augment` and `num_classes` come from the data.
+  """
 
   objective: str
   temperature: float
@@ -85,13 +91,9 @@ class StepConfig:
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict, layout: ShardLayout,
                   augment_config: augment.AugmentConfig, num_classes: int) -> "StepConfig":
-    return cls(objective=config.objective, temperature=config.temperature,
-               num_negatives=config.num_negatives, shared_noise=config.shared_noise,
-               z_mode=config.z_mode, z_momentum=config.z_momentum,
-               bank_momentum=config.bank_momentum, proximal_weight=config.proximal_weight,
-               layout=layout, global_batch=config.batch_size, augment=augment_config,
-               knn_k=config.knn_k, knn_temperature=config.knn_temperature,
-               num_classes=num_classes)
+    """The config's fields tagged `step` in `config_schema`, plus what the run derives."""
+    return cls(**{attr: get_field(config, name) for attr, name in STEP_FIELDS.items()},
+               layout=layout, augment=augment_config, num_classes=num_classes)
 
   @property
   def uses_noise(self) -> bool:

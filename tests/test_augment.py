@@ -261,7 +261,7 @@ def test_from_config():
 
   with pytest.raises(ConfigError, match=r"augment\.hue: got 0\.6"):
     augment.AugmentConfig.from_config(dict(config, hue=0.6))
-  with pytest.raises(ConfigError, match=r"augment\.flips: .*did you mean augment\.flip\?"):
+  with pytest.raises(ConfigError, match=r"augment\.flips: .*did you mean 'augment\.flip'\?"):
     augment.AugmentConfig.from_config(dict(config, flips=True))
   with pytest.raises(ConfigError, match=r"augment\.image_size: required"):
     augment.AugmentConfig.from_config(dict(mean=[0.5], std=[0.5]))

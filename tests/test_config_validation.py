@@ -2,12 +2,13 @@
 valid ones build a train step.
 
 The property tests mutate configs/tiny.py: invalid values are derived from each field's rule in
-`config_validation.FIELDS` (wrong types, out-of-range values, unknown names) plus the values that
+`config_schema.SCHEMA` (wrong types, out-of-range values, unknown names) plus the values that
 break a relation (batch size and device count, m < n, k <= n, warm-up < epochs); valid values
 come from `VALID`. A valid config's train step is traced with `jax.eval_shape` on 8 devices
 (nothing is compiled), once per distinct setting of the fields that shape the step.
 """
 
+import dataclasses
 import math
 import os
 
@@ -22,14 +23,20 @@ import ml_collections
 import pytest
 import tiny_run
 
+from instdisc_jax import config_fields as cf
+from instdisc_jax import config_io
+from instdisc_jax import config_schema
 from instdisc_jax import config_validation as cv
 from instdisc_jax import default_config
+from instdisc_jax import steps
 from instdisc_jax import train
 from instdisc_jax.errors import ConfigError
+from instdisc_jax.sharding import ShardLayout
 
 NUM_DEVICES = 8
 N = 64                                             # training images of the test .npz
 CONFIGS = os.path.join(tiny_run.REPO, "configs")
+FIELDS = dict(config_schema.SCHEMA.fields())       # dotted name -> Field
 
 # Where the data lives: not mutated (a valid value needs a dataset on disk).
 DATA_FIELDS = ("dataset", "train_split", "eval_dataset", "eval_split", "data_dir")
@@ -43,22 +50,22 @@ VALID = {
     "low_dim": st.sampled_from([1, 8, 16]),
     "cross_device_bn": st.booleans(),
     "head_batchnorm": st.booleans(),
-    "compute_dtype": st.sampled_from(cv.DTYPES),
-    "objective": st.sampled_from(cv.FIELDS["objective"].choices),
+    "compute_dtype": st.sampled_from(cf.DTYPES),
+    "objective": st.sampled_from(FIELDS["objective"].rule.choices),
     "num_negatives": st.integers(1, N - 1),
     "shared_noise": st.booleans(),
     "temperature": floats(1e-3, 10),
     "bank_momentum": floats(0, 0.999),
-    "bank_init": st.sampled_from(cv.FIELDS["bank_init"].choices),
-    "bank_dtype": st.sampled_from(cv.DTYPES),
-    "z_mode": st.sampled_from(cv.FIELDS["z_mode"].choices),
+    "bank_init": st.sampled_from(FIELDS["bank_init"].rule.choices),
+    "bank_dtype": st.sampled_from(cf.DTYPES),
+    "z_mode": st.sampled_from(FIELDS["z_mode"].rule.choices),
     "z_momentum": floats(0, 0.999),
     "proximal_weight": st.sampled_from([0.0, 0.5]),
     "batch_size": st.sampled_from([8, 16, 32, 64]),
     "num_epochs": st.integers(1, 5),
     "num_train_steps": st.one_of(st.just(-1), st.integers(1, 10_000)),
     "learning_rate": floats(1e-4, 10),
-    "lr_schedule": st.sampled_from(cv.FIELDS["lr_schedule"].choices),
+    "lr_schedule": st.sampled_from(FIELDS["lr_schedule"].rule.choices),
     "lr_boundaries": st.lists(floats(0.5, 500), max_size=3).map(lambda v: tuple(sorted(v))),
     "lr_decay_factor": floats(0.01, 1),
     "warmup_epochs": floats(0, 0.9),
@@ -93,16 +100,16 @@ NOT_A_NUMBER = st.one_of(st.none(), st.text(max_size=4), st.booleans(),
 
 def invalid_values(field: str) -> st.SearchStrategy:
   """Values that `FIELDS[field]` rejects, or that break a relation with another field."""
-  rule = cv.FIELDS[field]
+  rule = FIELDS[field].rule
   options = []
-  if isinstance(rule, cv.Integer):
+  if isinstance(rule, cf.Integer):
     options.append(st.one_of(NOT_A_NUMBER, st.floats(-5, 5).filter(lambda v: v != int(v)),
                              st.just(2.0)))
     if rule.low is not None:
       options.append(st.integers(max_value=rule.low - 1))
     if rule.high is not None:
       options.append(st.integers(min_value=rule.high + 1))
-  elif isinstance(rule, cv.Number):
+  elif isinstance(rule, cf.Number):
     options.append(NOT_A_NUMBER)
     if rule.low is not None:
       options.append(st.floats(max_value=rule.low, exclude_max=not rule.low_open,
@@ -110,23 +117,23 @@ def invalid_values(field: str) -> st.SearchStrategy:
     if rule.high is not None:
       options.append(st.floats(min_value=rule.high, exclude_min=not rule.high_open,
                                allow_infinity=False, allow_nan=False))
-  elif isinstance(rule, cv.Choice):
+  elif isinstance(rule, cf.Choice):
     options.append(st.one_of(st.text(max_size=12).filter(lambda v: v not in rule.choices),
                              st.none(), st.integers(), st.just(rule.choices[0].upper())))
-  elif isinstance(rule, cv.Boolean):
+  elif isinstance(rule, cf.Boolean):
     options.append(st.one_of(st.sampled_from([0, 1, "True", "yes", None]), st.floats()))
-  elif isinstance(rule, cv.Text):
+  elif isinstance(rule, cf.Text):
     options.append(st.one_of(st.none(), st.integers(), st.just(["train"])))
     if rule.nonempty:
       options.append(st.just(""))
-  elif isinstance(rule, cv.Dataset):
+  elif isinstance(rule, cf.Dataset):
     options.append(st.one_of(
         st.none(), st.integers(), st.sampled_from(["npz:", "folder:", "cifar-10", "imagenet"]),
-        st.text(max_size=12).filter(lambda v: v not in cv.TFDS_DATASETS and v != ""
-                                    and not v.startswith(cv.DATASET_PREFIXES))))
+        st.text(max_size=12).filter(lambda v: v not in cf.TFDS_DATASETS and v != ""
+                                    and not v.startswith(cf.DATASET_PREFIXES))))
     if not rule.optional:
       options.append(st.just(""))
-  elif isinstance(rule, cv.Epochs):
+  elif isinstance(rule, cf.Epochs):
     options.append(st.one_of(
         st.none(), st.just(120), st.just("120,160"), st.just((160, 120)),
         st.lists(st.floats(max_value=0, allow_nan=False), min_size=1, max_size=3)))
@@ -191,8 +198,60 @@ def test_every_field_has_a_rule_and_valid_values():
   leaves = {f"{k}.{sub}" if isinstance(v, ml_collections.ConfigDict) else k
             for k, v in schema.items()
             for sub in (v.keys() if isinstance(v, ml_collections.ConfigDict) else [None])}
-  assert set(cv.FIELDS) == leaves
+  assert set(FIELDS) == leaves
   assert set(VALID) | set(DATA_FIELDS) == leaves
+
+
+def test_every_default_config_field_has_a_doc_and_a_rule_its_default_passes():
+  config = default_config.get_config()
+  for name, declared in FIELDS.items():
+    assert declared.doc and "\n" not in declared.doc, name
+    assert callable(declared.rule), name
+    default = cf.get_field(config, name)
+    assert default == declared.default and type(default) is type(declared.default), name
+    declared.rule(name, default)
+
+
+def test_a_field_is_refused_without_a_doc_or_with_a_default_its_rule_refuses():
+  with pytest.raises(ValueError, match="one non-empty line"):
+    cf.field(1, cf.Integer(0), "")
+  with pytest.raises(ValueError, match="default must pass its rule .*must be >= 0"):
+    cf.field(-1, cf.Integer(0), "A count.")
+
+
+def test_step_config_takes_the_schema_fields_tagged_step():
+  derived = {"layout", "augment", "num_classes"}      # from the data, not the config
+  attrs = {f.name for f in dataclasses.fields(steps.StepConfig)}
+  assert set(config_schema.STEP_FIELDS) == attrs - derived
+  assert set(config_schema.STEP_FIELDS.values()) <= set(FIELDS)
+  assert config_schema.STEP_FIELDS["global_batch"] == "batch_size"
+  config = default_config.get_config()
+  layout = ShardLayout(100, 4)
+  hp = steps.StepConfig.from_config(config, layout, augment_config=None, num_classes=10)
+  for attr, name in config_schema.STEP_FIELDS.items():
+    assert getattr(hp, attr) == cf.get_field(config, name), attr
+  assert (hp.layout, hp.augment, hp.num_classes) == (layout, None, 10)
+
+
+def test_run_identity_is_the_schema_fields_tagged_identity_and_unchanged():
+  assert set(config_schema.IDENTITY_FIELDS) <= set(FIELDS)
+  meta = config_io.run_meta(default_config.get_config(), ShardLayout(100, 4), "sha:x")
+  # The identity checkpoints are written with: changing it stops existing workdirs resuming.
+  assert meta == {
+      "num_instances": 100, "num_devices": 4, "low_dim": 128, "model": "cifar_resnet18",
+      "model_width": 0, "head_batchnorm": False, "objective": "nce", "bank_dtype": "float32",
+      "image_size": 32, "dataset": "cifar10", "dataset_fingerprint": "sha:x"}
+
+
+def test_did_you_mean_is_written_once():
+  package = os.path.join(tiny_run.REPO, "instdisc_jax")
+  users = [os.path.relpath(os.path.join(root, name), package)
+           for root, _, names in os.walk(package) for name in names if name.endswith(".py")
+           and "difflib" in open(os.path.join(root, name), encoding="utf-8").read()]
+  assert users == ["config_fields.py"]
+  assert cf.suggest("Flips", ("flip", "hue"), prefix="augment.") == (
+      "; did you mean 'augment.flip'?")
+  assert cf.suggest("zzz", ("flip", "hue")) == ""
 
 
 @pytest.mark.parametrize("path", sorted(os.listdir(CONFIGS)))
@@ -204,12 +263,12 @@ def test_shipped_configs_are_valid(path):
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
 def test_invalid_field_is_rejected_in_one_line_naming_it(npz, data):
-  field = data.draw(st.sampled_from(sorted(cv.FIELDS)), label="field")
+  field = data.draw(st.sampled_from(sorted(FIELDS)), label="field")
   value = data.draw(invalid_values(field), label="value")
   config = tiny_config(npz)
   assign(config, field, value)
   # ConfigDict itself turns a bool into a number in a float field; validation never sees it.
-  assume(type(cv.get_field(config, field)) is type(value))
+  assume(type(cf.get_field(config, field)) is type(value))
   with pytest.raises(ConfigError) as error:
     validate(config)
   message = str(error.value)
@@ -283,7 +342,7 @@ def test_valid_config_passes_and_builds_a_train_step(npz, tmp_path_factory, data
   # the refusal): the drawn size gets its own copy of the data.
   config.dataset = "npz:" + sized_npz(npz, config.image_size)
   validate(config)
-  key = tuple(cv.get_field(config, field) for field in STEP_SHAPING)
+  key = tuple(cf.get_field(config, field) for field in STEP_SHAPING)
   if key not in _traced:
     _traced[key] = trace_train_step(config, str(tmp_path_factory.mktemp("unused")))
   metrics = _traced[key]
