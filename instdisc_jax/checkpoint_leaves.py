@@ -8,8 +8,9 @@ process writing its own shards. `from_saved` is the inverse.
 
 Checksums: tensorstore detects damaged or missing index files, but a damaged data chunk can be
 read back silently, so every leaf's checksum is saved with it (the checkpoint's `integrity` item)
-and compared after a restore. The checksum is an integer sum over the leaf's bit patterns, so it
-does not depend on the order of the reduction: the same on any number of devices and processes.
+and compared after a restore. The checksum is a position-weighted integer sum of the leaf's bit
+patterns, so it does not depend on the order of the reduction: it is the same on any number of
+devices and processes.
 `snapshot_and_inspect` computes it in the same compiled function that copies the state for an
 asynchronous save, together with every leaf's finiteness, so a state holding NaN or inf is
 never written.
