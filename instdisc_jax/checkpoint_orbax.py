@@ -3,10 +3,12 @@
 Quiet fallback: when one read of a restore fails, orbax abandons the checkpoint's other reads and
 closes its event loop; tensorstore then completes those reads and cannot deliver them to the
 closed loop, and Python prints each such "Event loop is closed" error (hundreds for a large
-state), and each read coroutine left un-awaited with a read error of its own. They carry no
-information (the failure is already reported in the warning that names the checkpoint), so
-`install_quiet_fallback` drops exactly these from `sys.unraisablehook` and passes everything else
-on.
+state), and each read coroutine left un-awaited with a read error of its own. And a reader of a
+running run may list a checkpoint that the run deletes (`keep_checkpoints`) before it is read:
+orbax then logs "Metadata file does not exist" for it. None of these carry information (a
+checkpoint that cannot be used is named in the `Checkpointer`'s own warning, one that vanished
+is passed over on purpose), so `install_quiet_fallback` drops exactly these, from
+`sys.unraisablehook` and from orbax's (absl's) logger, and passes everything else on.
 
 Test hook: with the environment variable `INSTDISC_TEST_CHECKPOINT_WRITE_DELAY_S` set to a number
 of seconds, the background part of every save first sleeps that long, so tests can act (e.g.
@@ -18,12 +20,15 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import os
 import sys
 
 import orbax.checkpoint as ocp
 
 WRITE_DELAY_ENV = "INSTDISC_TEST_CHECKPOINT_WRITE_DELAY_S"
+# orbax's (absl) log message for a step directory without `_CHECKPOINT_METADATA`.
+_MISSING_METADATA = "Metadata file does not exist: %s"
 
 
 # -- quiet fallback --------------------------------------------------------------------------------
@@ -48,8 +53,19 @@ def _is_abandoned_read_callback(unraisable) -> bool:
   return "_check_closed" in frames and "call_soon_threadsafe" in frames
 
 
+class _MissingStepMetadataFilter(logging.Filter):
+  """Drops orbax's warning about a checkpoint without step metadata (see the module doc)."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return record.msg != _MISSING_METADATA
+
+
 def install_quiet_fallback() -> None:
-  """Wraps `sys.unraisablehook` (once) to drop abandoned-read callbacks and pass on the rest."""
+  """Wraps `sys.unraisablehook` to drop abandoned-read callbacks, and filters orbax's warning
+  about missing step metadata; passes on the rest. Installs each once, however often called."""
+  absl_logger = logging.getLogger("absl")
+  if not any(isinstance(f, _MissingStepMetadataFilter) for f in absl_logger.filters):
+    absl_logger.addFilter(_MissingStepMetadataFilter())
   previous = sys.unraisablehook
   if getattr(previous, "instdisc_quiet_fallback", False):
     return

@@ -372,3 +372,21 @@ def test_abandoned_read_callbacks_are_dropped_and_other_unraisables_kept(monkeyp
                                              object=types.SimpleNamespace(cr_code=code)))
   assert [type(e) for e in seen] == [ZeroDivisionError, ValueError]
   assert str(seen[-1].args[0]) == str(other)
+
+
+def test_orbax_warning_about_missing_step_metadata_is_dropped(saved, caplog, monkeypatch):
+  """A reader may list a checkpoint the run then deletes: orbax's "Metadata file does not exist"
+  for it is dropped (the Checkpointer says what matters); orbax's other warnings are kept."""
+  absl_logger = logging.getLogger("absl")
+  monkeypatch.setattr(absl_logger, "filters", list(absl_logger.filters))   # Restored after.
+  workdir, states = saved
+  os.remove(os.path.join(workdir, "checkpoints", "8", "_CHECKPOINT_METADATA"))
+  with caplog.at_level(logging.WARNING):
+    checkpointer = Checkpointer(workdir, keep=None, sharded_keys=SHARDED, read_only=True)
+    state, _, step = checkpointer.restore(make_state(), META)
+    checkpointer.close()
+    absl_logger.warning("another orbax warning")
+  assert step == 8
+  assert_same(state, states[8])
+  assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == [
+      "another orbax warning"]
