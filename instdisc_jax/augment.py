@@ -16,41 +16,21 @@ for ImageNet and Fashion-MNIST, turn it off to follow the reference's CIFAR reci
 
 Photometric ops follow torchvision's float-tensor kernels, which clip to [0, 1] after every op.
 For one-channel images grayscale, saturation and hue are no-ops (as for PIL "L" images);
-brightness and contrast apply.
+brightness and contrast apply. RandomResizedCrop's geometry is in crop.py; the mean and std of
+the known datasets are in dataset_stats.py.
 """
 
 import dataclasses
 import functools
-import math
-from typing import Any, Callable, Mapping, NamedTuple, NoReturn, Sequence
+from typing import Any, Callable, Mapping, NoReturn, Sequence
 
 import dm_pix
 import jax
 import jax.numpy as jnp
 
+from instdisc_jax import crop
 from instdisc_jax.config_fields import suggest
 from instdisc_jax.errors import ConfigError
-
-
-class Stats(NamedTuple):
-  """Per-channel mean and standard deviation of a dataset's pixels in [0, 1]."""
-  mean: tuple[float, ...]
-  std: tuple[float, ...]
-
-
-_CIFAR = Stats(mean=(0.4914, 0.4822, 0.4465), std=(0.2023, 0.1994, 0.2010))  # reference cifar.py
-_IMAGENET = Stats(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))  # reference main.py
-
-DATASET_STATS: dict[str, Stats] = {
-    # Over all 60,000 x 28 x 28 training pixels (train-images-idx3-ubyte.gz):
-    # mean 0.286041, std 0.353024.
-    "fashion_mnist": Stats(mean=(0.2860,), std=(0.3530,)),
-    "cifar10": _CIFAR,
-    "cifar100": _CIFAR,
-    # STL-10 images are drawn from ImageNet; the ImageNet statistics are used.
-    "stl10": _IMAGENET,
-    "imagenet2012": _IMAGENET,
-}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,7 +39,8 @@ class AugmentConfig:
 
   Attributes:
     image_size: side of the square output images.
-    mean: per-channel mean subtracted after scaling pixels to [0, 1].
+    mean: per-channel mean subtracted after scaling pixels to [0, 1] (known datasets' values:
+      `dataset_stats.DATASET_STATS`).
     std: per-channel standard deviation divided by after subtracting `mean`.
     crop_scale: RandomResizedCrop's range of crop area as a fraction of the image area.
     crop_ratio: RandomResizedCrop's range of crop aspect ratio (width / height).
@@ -137,87 +118,6 @@ class AugmentConfig:
 
 def _bad(field: str, value: Any, expected: str) -> NoReturn:
   raise ConfigError(f"{field}: got {value!r}, expected {expected}")
-
-
-# --- Geometry ----------------------------------------------------------------------------------
-
-
-def crop_box(
-    key: jax.Array,
-    height: int,
-    width: int,
-    scale: Sequence[float] = (0.2, 1.0),
-    ratio: Sequence[float] = (3.0 / 4.0, 4.0 / 3.0),
-    attempts: int = 10,
-) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-  """`RandomResizedCrop.get_params`: the crop box (top, left, h, w) as int32 scalars.
-
-  Draws `attempts` boxes of area U(scale) * H * W and aspect ratio exp(U(log ratio)) at once and
-  keeps the first one that fits in the image; if none fits, falls back to the largest central
-  crop whose aspect ratio lies in `ratio`. The top-left corner is uniform over the positions
-  that keep the box inside the image.
-  """
-  # One draw for everything: each `jax.random` call costs seconds of XLA compile on CPU.
-  u = jax.random.uniform(key, (2 * attempts + 2,))
-  area = height * width * (scale[0] + (scale[1] - scale[0]) * u[:attempts])
-  log_low, log_high = math.log(ratio[0]), math.log(ratio[1])
-  aspect = jnp.exp(log_low + (log_high - log_low) * u[attempts:2 * attempts])
-  # Python's round() and jnp.round() both round half to even.
-  crop_w = jnp.round(jnp.sqrt(area * aspect)).astype(jnp.int32)
-  crop_h = jnp.round(jnp.sqrt(area / aspect)).astype(jnp.int32)
-  fits = (crop_w > 0) & (crop_w <= width) & (crop_h > 0) & (crop_h <= height)
-  first = jnp.argmax(fits)
-  found = jnp.any(fits)
-
-  fallback_h, fallback_w = _central_crop_size(height, width, ratio)
-  crop_h = jnp.where(found, crop_h[first], fallback_h)
-  crop_w = jnp.where(found, crop_w[first], fallback_w)
-  # floor(U[0, 1) * n) is uniform over 0 .. n - 1, as torch.randint(0, n).
-  top = jnp.floor(u[-2] * (height - crop_h + 1)).astype(jnp.int32)
-  left = jnp.floor(u[-1] * (width - crop_w + 1)).astype(jnp.int32)
-  top = jnp.where(found, top, (height - fallback_h) // 2)
-  left = jnp.where(found, left, (width - fallback_w) // 2)
-  return top, left, crop_h, crop_w
-
-
-def _central_crop_size(height: int, width: int, ratio: Sequence[float]) -> tuple[int, int]:
-  """The fallback crop of `RandomResizedCrop.get_params`: the whole image, clamped to `ratio`."""
-  in_ratio = width / height
-  if in_ratio < min(ratio):
-    return int(round(width / min(ratio))), width
-  if in_ratio > max(ratio):
-    return height, int(round(height * max(ratio)))
-  return height, width
-
-
-def resized_crop(
-    image: jax.Array, box: Sequence[jax.Array], out_size: int
-) -> jax.Array:
-  """`F.resized_crop(..., BILINEAR, antialias=True)`: resizes `box` to out_size x out_size.
-
-  `box` is (top, left, height, width), possibly traced. One `jax.image.scale_and_translate`
-  maps it onto the static output shape, so the image is never cut at the box edge: unlike
-  torchvision, which crops first, the bilinear taps of the outermost output pixels may reach a
-  pixel or two beyond the box.
-  """
-  top, left, crop_h, crop_w = box
-  scale = jnp.stack([out_size / crop_h, out_size / crop_w]).astype(jnp.float32)
-  translation = -jnp.stack([top, left]).astype(jnp.float32) * scale
-  return jax.image.scale_and_translate(
-      image, (out_size, out_size, image.shape[-1]), spatial_dims=(0, 1), scale=scale,
-      translation=translation, method="linear", antialias=True)
-
-
-def random_resized_crop(
-    key: jax.Array,
-    image: jax.Array,
-    out_size: int,
-    scale: Sequence[float] = (0.2, 1.0),
-    ratio: Sequence[float] = (3.0 / 4.0, 4.0 / 3.0),
-) -> jax.Array:
-  """`transforms.RandomResizedCrop(out_size, scale, ratio)` of one float image (H, W, C)."""
-  height, width = image.shape[:2]
-  return resized_crop(image, crop_box(key, height, width, scale, ratio), out_size)
 
 
 # --- Colour ------------------------------------------------------------------------------------
@@ -394,7 +294,8 @@ def augment_image(key: jax.Array, image: jax.Array, cfg: AugmentConfig) -> jax.A
   """The train transform of one float image (H, W, C) in [0, 1], before normalisation."""
   crop_key, gray_key, jitter_key, flip_key = jax.random.split(key, 4)
   if cfg.crop_on_device:
-    image = random_resized_crop(crop_key, image, cfg.image_size, cfg.crop_scale, cfg.crop_ratio)
+    image = crop.random_resized_crop(
+        crop_key, image, cfg.image_size, cfg.crop_scale, cfg.crop_ratio)
   image = random_grayscale(gray_key, image, cfg.grayscale_prob)
   image = color_jitter(
       jitter_key, image, cfg.brightness, cfg.contrast, cfg.saturation, cfg.hue)

@@ -33,35 +33,26 @@ be read or fails the comparison is reported in a warning that names it, moved to
 `<workdir>/unreadable_checkpoints/`, and the previous one is restored. A state holding NaN or
 infinite values is never written.
 
-Quiet fallback: when one read of a restore fails, orbax abandons the checkpoint's other reads and
-closes its event loop; tensorstore then completes those reads and cannot deliver them to the
-closed loop, and Python prints each such "Event loop is closed" error (hundreds for a large
-state), and each read coroutine left un-awaited with a read error of its own. They carry no information (the failure is already reported in the warning), so a
-`Checkpointer` drops exactly these from `sys.unraisablehook` and passes everything else on.
-
-Test hook: with the environment variable `INSTDISC_TEST_CHECKPOINT_WRITE_DELAY_S` set to a number
-of seconds, the background part of every save first sleeps that long, so tests can act (e.g.
-SIGKILL the process) while a save is reliably in flight. It is for tests only; never set it in a
-real run.
+This module is the policy: when to save, what to restore, what to do with a checkpoint that
+cannot be used. The `state` item's layout and the checksums are in checkpoint_leaves.py; orbax's
+handler of the `integrity` item (with the tests' write delay) and the quiet fallback of a failed
+restore are in checkpoint_orbax.py.
 """
 
 from __future__ import annotations
 
-import asyncio
-import dataclasses
 import json
 import logging
 import os
-import sys
 import time
 from typing import Any, Callable, Optional
 
 from etils import epath
 import jax
-import jax.numpy as jnp
-import numpy as np
 import orbax.checkpoint as ocp
 
+from instdisc_jax import checkpoint_leaves
+from instdisc_jax import checkpoint_orbax
 from instdisc_jax import parallel
 from instdisc_jax.errors import NonFiniteLossError
 from instdisc_jax.errors import WorkdirError
@@ -72,181 +63,7 @@ CHECKPOINTS_DIR = "checkpoints"
 UNREADABLE_DIR = "unreadable_checkpoints"
 ITEMS = ("state", "data", "meta", "integrity")
 _MAX_REASON = 300
-WRITE_DELAY_ENV = "INSTDISC_TEST_CHECKPOINT_WRITE_DELAY_S"
 _DELETION_GRACE_S = 2.0
-
-
-def _is_instance_sharded(path, sharded_keys) -> bool:
-  names = {getattr(p, "name", getattr(p, "key", None)) for p in path}
-  return bool(names & set(sharded_keys))
-
-
-def for_saving(state, sharded_keys):
-  """Replicated (D, ...) leaves -> one copy; instance-sharded leaves -> global (D, ...) arrays."""
-  return jax.tree_util.tree_map_with_path(
-      lambda path, x: parallel.to_global(x) if _is_instance_sharded(path, sharded_keys)
-      else parallel.to_single_copy(x), state)
-
-
-def from_saved(saved, sharded_keys):
-  """Inverse of `for_saving`."""
-  return jax.tree_util.tree_map_with_path(
-      lambda path, x: x if _is_instance_sharded(path, sharded_keys)
-      else parallel.from_single_copy(x), saved)
-
-
-def _abstract(tree):
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                      tree)
-
-
-# -- leaf checksums and finiteness ---------------------------------------------------------------
-
-
-def leaf_name(path) -> str:
-  """'params/encoder/Conv_0/kernel' for a pytree key path."""
-  parts = []
-  for entry in path:
-    for attribute in ("name", "key", "idx"):
-      if hasattr(entry, attribute):
-        parts.append(str(getattr(entry, attribute)))
-        break
-  return "/".join(parts)
-
-
-def _as_uint32(x: jax.Array) -> jax.Array:
-  """The bit pattern of every element, widened to uint32."""
-  if x.dtype == jnp.bool_:
-    return x.astype(jnp.uint32)
-  unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[x.dtype.itemsize]
-  return jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
-
-
-@jax.jit
-def _checksums_and_finiteness(leaves):
-  """Per leaf (stacked in leaf order): sum_i bits_i * (2i + 1) mod 2^32, and whether every
-  element is finite.
-
-  An odd weight is invertible mod 2^32, so any single changed element changes the sum; the
-  position weights also make reordered elements change it. Integer sums do not depend on the
-  reduction order, so the result is the same on any number of devices.
-  """
-  sums, finite = [], []
-  for x in leaves:
-    weights = jnp.arange(x.size, dtype=jnp.uint32).reshape(x.shape) * 2 + 1
-    sums.append(jnp.sum(_as_uint32(x) * weights, dtype=jnp.uint32))
-    finite.append(jnp.all(jnp.isfinite(x)) if jnp.issubdtype(x.dtype, jnp.inexact)
-                  else jnp.bool_(True))
-  return jnp.stack(sums), jnp.stack(finite)    # Two arrays: two transfers to the host.
-
-
-@jax.jit
-def _snapshot_and_inspect(leaves):
-  """(a fresh copy of every leaf, their checksums, their finiteness) in one compiled function.
-
-  The copies are new buffers (a compiled function's outputs never alias its non-donated
-  inputs), so the next train step, which donates the state, cannot overwrite what a save is
-  still writing.
-  """
-  sums, finite = _checksums_and_finiteness(leaves)
-  return [jnp.copy(x) for x in leaves], sums, finite
-
-
-def _host(x: jax.Array) -> np.ndarray:
-  """A replicated (possibly multi-process) array on the host."""
-  return np.asarray(x.addressable_data(0))
-
-
-def inspect_leaves(tree) -> tuple[dict[str, int], list[str]]:
-  """(checksum of every leaf by `leaf_name`, names of the leaves holding NaN or inf)."""
-  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-  names = [leaf_name(path) for path, _ in flat]
-  sums, finite = _checksums_and_finiteness([leaf for _, leaf in flat])
-  sums, finite = _host(sums), _host(finite)
-  checksums = {name: int(s) for name, s in zip(names, sums)}
-  return checksums, [name for name, ok in zip(names, finite) if not ok]
-
-
-def snapshot_and_inspect(tree) -> tuple[Any, dict[str, int], list[str]]:
-  """(a device copy of `tree`, checksum of every leaf, names of the leaves holding NaN or inf).
-
-  Waits for `tree`'s values to be computed (the checksums come to the host), not for more.
-  """
-  flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
-  names = [leaf_name(path) for path, _ in flat]
-  copies, sums, finite = _snapshot_and_inspect([leaf for _, leaf in flat])
-  sums, finite = _host(sums), _host(finite)
-  checksums = {name: int(s) for name, s in zip(names, sums)}
-  return (jax.tree_util.tree_unflatten(treedef, copies), checksums,
-          [name for name, ok in zip(names, finite) if not ok])
-
-
-# -- quiet fallback --------------------------------------------------------------------------------
-
-
-def _is_abandoned_read_callback(unraisable) -> bool:
-  """Whether an unraisable exception comes from an abandoned read of a failed orbax restore (see
-  the module doc): tensorstore failing to deliver a read to the closed event loop, or a read
-  coroutine finalised with its own read error, never awaited."""
-  code = getattr(unraisable.object, "cr_code", None)
-  if code is not None:
-    return (code.co_name == "_read_array_index_and_device_put"
-            and f"{os.sep}orbax{os.sep}" in code.co_filename)
-  error = unraisable.exc_value
-  if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"):
-    return False
-  frames = []
-  traceback = unraisable.exc_traceback
-  while traceback is not None:
-    frames.append(traceback.tb_frame.f_code.co_name)
-    traceback = traceback.tb_next
-  return "_check_closed" in frames and "call_soon_threadsafe" in frames
-
-
-def _install_quiet_fallback() -> None:
-  """Wraps `sys.unraisablehook` (once) to drop abandoned-read callbacks and pass on the rest."""
-  previous = sys.unraisablehook
-  if getattr(previous, "instdisc_quiet_fallback", False):
-    return
-
-  def hook(unraisable):
-    if not _is_abandoned_read_callback(unraisable):
-      previous(unraisable)
-
-  hook.instdisc_quiet_fallback = True
-  sys.unraisablehook = hook
-
-
-# -- the test hook ---------------------------------------------------------------------------------
-
-
-class _IntegrityHandler(ocp.JsonCheckpointHandler):
-  """The `integrity` item's handler: orbax's JSON handler, plus the test-only write delay.
-
-  With `WRITE_DELAY_ENV` set, a save's background part sleeps that many seconds before the
-  checkpoint can be finalised (see the module doc); otherwise it is the plain JSON handler.
-  """
-
-  async def async_save(self, directory, item=None, args=None):
-    futures = list(await super().async_save(directory, item, args) or [])
-    delay = float(os.environ.get(WRITE_DELAY_ENV) or 0)
-    if delay > 0:
-      futures.append(ocp.future.CommitFutureAwaitingContractedSignals(
-          asyncio.sleep(delay), name="instdisc_test_write_delay"))
-    return futures
-
-
-@ocp.args.register_with_handler(_IntegrityHandler, for_save=True)
-@dataclasses.dataclass
-class _IntegritySave(ocp.args.JsonSave):
-  """`JsonSave` for the `integrity` item (its handler is `_IntegrityHandler`)."""
-
-
-@ocp.args.register_with_handler(_IntegrityHandler, for_restore=True)
-@dataclasses.dataclass
-class _IntegrityRestore(ocp.args.JsonRestore):
-  """`JsonRestore` for the `integrity` item (what it writes is plain JSON: any reader's
-  `JsonRestore` reads it too)."""
 
 
 # -- agreement between processes -----------------------------------------------------------------
@@ -297,14 +114,14 @@ class Checkpointer:
     self.directory = os.path.join(self.workdir, CHECKPOINTS_DIR)
     self.sharded_keys = tuple(sharded_keys)
     self.read_only = read_only
-    _install_quiet_fallback()
+    checkpoint_orbax.install_quiet_fallback()
     self.manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(
             max_to_keep=None if read_only else keep, create=not read_only,
             cleanup_tmp_directories=not read_only,
             enable_async_checkpointing=asynchronous and not read_only),
-        item_names=ITEMS, item_handlers={"integrity": _IntegrityHandler()})
+        item_names=ITEMS, item_handlers={"integrity": checkpoint_orbax.IntegrityHandler()})
 
   def latest_step(self) -> Optional[int]:
     """The newest checkpoint's step, counting one whose asynchronous save is in flight."""
@@ -319,8 +136,8 @@ class Checkpointer:
     Returns once `state` may be changed or donated; the write goes on in the background (waits
     first for a save still in flight, raising its error if it failed).
     """
-    saved = for_saving(state, self.sharded_keys)
-    snapshot, checksums, nonfinite = snapshot_and_inspect(saved)
+    saved = checkpoint_leaves.for_saving(state, self.sharded_keys)
+    snapshot, checksums, nonfinite = checkpoint_leaves.snapshot_and_inspect(saved)
     if nonfinite:
       self.manager.wait_until_finished()      # So that "kept" names a finalised checkpoint.
       last = self.latest_step()
@@ -338,7 +155,7 @@ class Checkpointer:
         state=ocp.args.StandardSave(snapshot),
         data=ocp.args.JsonSave(data_state),
         meta=ocp.args.JsonSave(meta),
-        integrity=_IntegritySave({"checksums": checksums})), force=True)
+        integrity=checkpoint_orbax.IntegritySave({"checksums": checksums})), force=True)
 
   def wait_until_finished(self) -> None:
     """Blocks until the save in flight (if any) is finalised; raises its error if it failed."""
@@ -370,7 +187,8 @@ class Checkpointer:
     training (an evaluator) reads the newest checkpoint that exists at that moment; one that
     vanished meanwhile (deleted by the run's `keep`) is passed over without a warning.
     """
-    abstract = _abstract(for_saving(target_state, self.sharded_keys))
+    abstract = checkpoint_leaves.abstract(
+        checkpoint_leaves.for_saving(target_state, self.sharded_keys))
     failed = set()
     while True:
       self.manager.reload()
@@ -380,7 +198,8 @@ class Checkpointer:
       step = steps[-1]
       restored, problem = self._read(step, meta, compatible, abstract)
       if problem is None:
-        return from_saved(restored["state"], self.sharded_keys), restored["data"], step
+        state = checkpoint_leaves.from_saved(restored["state"], self.sharded_keys)
+        return state, restored["data"], step
       failed.add(step)
       if self._vanished(step):
         log.info("checkpoint %d was deleted while it was read; reading the newest one", step)
@@ -420,12 +239,12 @@ class Checkpointer:
       try:
         restored = self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore(),
-            integrity=_IntegrityRestore()))
+            integrity=checkpoint_orbax.IntegrityRestore()))
       except Exception as e:  # pylint: disable=broad-except
         problem = _reason(e)
     if parallel.any_process(problem is not None):
       return None, problem or "another process could not read its part"
-    checksums, _ = inspect_leaves(restored["state"])
+    checksums, _ = checkpoint_leaves.inspect_leaves(restored["state"])
     expected = restored["integrity"]["checksums"]
     damaged = sorted(name for name in checksums if checksums[name] != expected.get(name))
     if damaged:

@@ -18,14 +18,13 @@ in `aux` are already reduced over devices (identical on all of them) and carry n
 The objectives that read the bank return the rows they read in `aux["rows"]`
 (`memory_bank.StepRows`, one gather): hand them to `memory_bank.update`, so the step reads the
 bank once and updates it in place. The bank, the noise and Z carry no gradient. All arithmetic
-is float32.
+is float32. The normalisers (NCE's Z, the softmaxes' sums over shards) are in partition.py.
 """
 
 from __future__ import annotations
 
 from typing import Optional
 
-import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -35,15 +34,16 @@ from instdisc_jax import sharding
 from instdisc_jax.memory_bank import MemoryBank
 from instdisc_jax.memory_bank import StepRows
 from instdisc_jax.noise import NoiseSample
+from instdisc_jax.partition import MASKED_LOGIT
+from instdisc_jax.partition import Z_MODES  # noqa: F401  Re-exported: configs name the modes here.
+from instdisc_jax.partition import Partition
+from instdisc_jax.partition import batch_log_partition
+from instdisc_jax.partition import sharded_cross_entropy_share
+from instdisc_jax.partition import update_partition
 from instdisc_jax.sharding import AxisName
 
 # The reference criterion's epsilon (lemniscate.pytorch NCECriterion).
 NCE_EPS = 1e-7
-# Logit given to masked entries (padding rows, unused noise slots, positives owned elsewhere):
-# exp() of it is exactly 0 in float32, and it is finite, so gradients stay finite.
-_MASKED = -1e30
-
-Z_MODES = ("frozen", "ema", "batch")
 OBJECTIVES = ("nce", "softmax", "parametric_softmax", "infonce")
 
 sg = jax.lax.stop_gradient
@@ -79,71 +79,6 @@ def noise_scores(features: jax.Array, rows: StepRows) -> jax.Array:
 def bank_scores(features: jax.Array, weights: jax.Array) -> jax.Array:
   """f_i^T w_j against every row of this shard: (B, rows_per_shard)."""
   return features @ weights.astype(jnp.float32).T
-
-
-# ------------------------------------------------------------------------------------------------
-# The partition function Z of NCE (Eq. 7).
-# ------------------------------------------------------------------------------------------------
-
-
-@flax.struct.dataclass
-class Partition:
-  """Running estimate of log Z, kept in the train state (replicated).
-
-  Stored as log Z so that no temperature can overflow it. `initialized` is False until the first
-  batch has been seen.
-  """
-
-  log_z: jax.Array
-  initialized: jax.Array
-
-  @classmethod
-  def create(cls) -> "Partition":
-    return cls(log_z=jnp.zeros((), jnp.float32), initialized=jnp.zeros((), bool))
-
-
-def sharded_logsumexp(local_lse: jax.Array, axis_name: AxisName) -> jax.Array:
-  """Elementwise log(sum over shards of exp(local_lse)), without gradient.
-
-  `local_lse` holds each shard's own logsumexp (any shape); only that many numbers are reduced.
-  """
-  local_lse = sg(local_lse)
-  shift = sharding.pmax(local_lse, axis_name)
-  return shift + jnp.log(sharding.psum(jnp.exp(local_lse - shift), axis_name))
-
-
-def batch_log_partition(pos_logits, owned, noise_logits, noise_valid, *, num_instances: int,
-                        num_noise: int, axis_name: AxisName) -> jax.Array:
-  """log of the Monte Carlo estimate Z = n * mean(exp(s / tau)) over the batch's B x (m + 1)
-  sampled scores (the positives and their noise), as the reference computes it."""
-  logits = jnp.concatenate([
-      jnp.where(owned, pos_logits, _MASKED).reshape(-1),
-      jnp.where(noise_valid, noise_logits, _MASKED).reshape(-1)])
-  count = pos_logits.shape[0] * (num_noise + 1)
-  log_sum = sharded_logsumexp(jax.nn.logsumexp(logits), axis_name)
-  return np.log(num_instances) + log_sum - np.log(count)
-
-
-def update_partition(partition: Partition, batch_log_z: jax.Array, mode: str,
-                     ema_momentum: float = 0.99) -> Partition:
-  """The Z used for this step, by mode:
-
-  * "frozen": the first batch's estimate, then constant (the reference);
-  * "ema": Z <- ema_momentum * Z + (1 - ema_momentum) * Z_batch, starting at the first estimate;
-  * "batch": this batch's estimate.
-  """
-  if mode not in Z_MODES:
-    raise ValueError(f"Z mode must be one of {Z_MODES}, got {mode!r}")
-  batch_log_z = sg(batch_log_z)
-  if mode == "frozen":
-    log_z = jnp.where(partition.initialized, partition.log_z, batch_log_z)
-  elif mode == "ema":
-    ema = jnp.logaddexp(np.log(ema_momentum) + partition.log_z,
-                        np.log1p(-ema_momentum) + batch_log_z)
-    log_z = jnp.where(partition.initialized, ema, batch_log_z)
-  else:
-    log_z = batch_log_z
-  return Partition(log_z=log_z, initialized=jnp.ones((), bool))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -258,32 +193,8 @@ def nce_loss(features: jax.Array, indices: jax.Array, bank: MemoryBank, noise: N
 
 
 # ------------------------------------------------------------------------------------------------
-# Softmax cross-entropy over a sharded set of logits (Eqs. 1, 2 and InfoNCE).
+# Softmax cross-entropy (Eqs. 1, 2 and InfoNCE); its sharded normaliser is in partition.py.
 # ------------------------------------------------------------------------------------------------
-
-
-def sharded_cross_entropy_share(local_logits: jax.Array, positive_logits: jax.Array,
-                                owned: jax.Array, axis_name: AxisName):
-  """This shard's share of mean_i [-l_i,pos + logsumexp_j l_ij] when the logits of row i are
-  spread over shards (local_logits (B, K) here, masked entries at -1e30) and the positive logit
-  is among the local logits of exactly one shard (`owned`).
-
-  The global logsumexp L_i needs the other shards' sums, which are reduced without gradient.
-  Its gradient is recovered locally: with w_i = exp(lse_local_i - L_i), this shard's part of the
-  softmax mass, the term w_i - stopgrad(w_i) is 0 in value and has gradient
-  sum_{j local} softmax_ij * d l_ij, which is exactly this shard's part of d L_i. So the shares
-  sum to the loss and their gradients sum to its gradient, with only B numbers communicated.
-
-  Returns `(share, global_logsumexp)`, the latter (B,) and without gradient.
-  """
-  batch = local_logits.shape[0]
-  local_lse = jax.nn.logsumexp(local_logits, axis=-1)
-  global_lse = sharded_logsumexp(local_lse, axis_name)
-  mass = jnp.exp(local_lse - global_lse)
-  per_example = (-jnp.where(owned, positive_logits, 0.0)
-                 + global_lse / sharding.num_shards(axis_name)
-                 + (mass - sg(mass)))
-  return jnp.sum(per_example) / batch, global_lse
 
 
 def _softmax_metrics(positive_logits, owned, global_lse, temperature, axis_name):
@@ -303,7 +214,7 @@ def softmax_loss(features: jax.Array, indices: jax.Array, bank: MemoryBank, *,
   """
   features = features.astype(jnp.float32)
   logits = bank_scores(features, sg(bank.rows)) / temperature
-  logits = jnp.where(sharding.real_row_mask(bank.layout, axis_name), logits, _MASKED)
+  logits = jnp.where(sharding.real_row_mask(bank.layout, axis_name), logits, MASKED_LOGIT)
   rows = step_rows(bank, indices, None, axis_name) if rows is None else rows
   pos, owned = positive_scores(features, rows)
   share, global_lse = sharded_cross_entropy_share(logits, pos / temperature, owned, axis_name)
@@ -327,7 +238,7 @@ def parametric_softmax_loss(features: jax.Array, indices: jax.Array, weights: ja
                     num_shards=sharding.num_shards(axis_name))
   layout = bank.layout
   logits = bank_scores(features, weights) / temperature
-  logits = jnp.where(sharding.real_row_mask(layout, axis_name), logits, _MASKED)
+  logits = jnp.where(sharding.real_row_mask(layout, axis_name), logits, MASKED_LOGIT)
   local_row, owned = sharding.owned_rows(layout, indices, axis_name)
   pos_logits = jnp.take_along_axis(logits, local_row[:, None], axis=1)[:, 0]
   share, global_lse = sharded_cross_entropy_share(logits, pos_logits, owned, axis_name)
@@ -350,8 +261,8 @@ def infonce_loss(features: jax.Array, indices: jax.Array, bank: MemoryBank, nois
   valid = noise.valid if not noise.shared else jnp.broadcast_to(noise.valid, neg.shape)
   pos_logits = pos / temperature
   logits = jnp.concatenate([
-      jnp.where(owned, pos_logits, _MASKED)[:, None],
-      jnp.where(valid, neg / temperature, _MASKED)], axis=1)
+      jnp.where(owned, pos_logits, MASKED_LOGIT)[:, None],
+      jnp.where(valid, neg / temperature, MASKED_LOGIT)], axis=1)
   share, global_lse = sharded_cross_entropy_share(logits, pos_logits, owned, axis_name)
   metrics = _softmax_metrics(pos_logits, owned, global_lse, temperature, axis_name)
   metrics["noise_score"] = _masked_mean(neg, valid, axis_name)

@@ -23,6 +23,7 @@ import tqdm
 from instdisc_jax import augment
 from instdisc_jax import config_validation
 from instdisc_jax import data
+from instdisc_jax import dataset_stats
 from instdisc_jax import models
 from instdisc_jax import optim
 from instdisc_jax import parallel
@@ -70,7 +71,7 @@ def augment_config(config: ml_collections.ConfigDict, split) -> augment.AugmentC
   Known datasets use their published statistics; others (folders, npz) are measured on up to
   2,000 of their images.
   """
-  stats = augment.DATASET_STATS.get(config.dataset) or data.pixel_stats(split)
+  stats = dataset_stats.DATASET_STATS.get(config.dataset) or data.pixel_stats(split)
   jitter = config.augment.color_jitter
   return augment.AugmentConfig(
       image_size=config.image_size, mean=stats.mean, std=stats.std,

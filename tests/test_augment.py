@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 
 from instdisc_jax import augment
+from instdisc_jax import crop
+from instdisc_jax import dataset_stats
 from instdisc_jax.errors import ConfigError
 
 FASHION_MNIST_TRAIN = "/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz"
@@ -19,7 +21,7 @@ LUMA = np.array([0.2989, 0.587, 0.114])
 
 
 def _cfg(channels: int, image_size: int, **overrides) -> augment.AugmentConfig:
-  stats = augment.DATASET_STATS["cifar10" if channels == 3 else "fashion_mnist"]
+  stats = dataset_stats.DATASET_STATS["cifar10" if channels == 3 else "fashion_mnist"]
   return augment.AugmentConfig(image_size=image_size, mean=stats.mean, std=stats.std, **overrides)
 
 
@@ -77,7 +79,7 @@ def test_eval_transform_is_normalisation_only():
   for channels, dataset in ((3, "cifar10"), (1, "fashion_mnist")):
     cfg = _cfg(channels, 32)
     images = _images((4, 32, 32, channels))
-    stats = augment.DATASET_STATS[dataset]
+    stats = dataset_stats.DATASET_STATS[dataset]
     expected = (images / 255.0 - np.asarray(stats.mean)) / np.asarray(stats.std)
     np.testing.assert_allclose(augment.eval_transform(images, cfg), expected, rtol=1e-5, atol=1e-5)
 
@@ -101,7 +103,7 @@ def test_normalisation_channel_count_must_match():
 
 def test_full_scale_square_crop_is_identity_resize():
   image = jnp.asarray(_images((32, 32, 3)) / 255.0, jnp.float32)
-  out = jax.jit(lambda k: augment.random_resized_crop(k, image, 32, (1.0, 1.0), (1.0, 1.0)))(
+  out = jax.jit(lambda k: crop.random_resized_crop(k, image, 32, (1.0, 1.0), (1.0, 1.0)))(
       jax.random.key(0))
   np.testing.assert_allclose(out, image, atol=1e-6)
 
@@ -110,19 +112,19 @@ def test_crop_box_falls_back_to_central_crop():
   # A square box of the whole 20x40 area (28x28) never fits, so every attempt fails and the
   # box falls back to the central 20x20 square, as in torchvision's get_params.
   image = jnp.asarray(_images((20, 40, 1)) / 255.0, jnp.float32)
-  box = jax.jit(lambda k: augment.crop_box(k, 20, 40, (1.0, 1.0), (1.0, 1.0)))(jax.random.key(0))
+  box = jax.jit(lambda k: crop.crop_box(k, 20, 40, (1.0, 1.0), (1.0, 1.0)))(jax.random.key(0))
   assert tuple(int(v) for v in box) == (0, 10, 20, 20)
-  out = jax.jit(lambda k: augment.random_resized_crop(k, image, 20, (1.0, 1.0), (1.0, 1.0)))(
+  out = jax.jit(lambda k: crop.random_resized_crop(k, image, 20, (1.0, 1.0), (1.0, 1.0)))(
       jax.random.key(0))
   np.testing.assert_allclose(out, image[:, 10:30], atol=1e-6)
 
 
 def test_resized_crop_samples_the_box():
   image = jnp.asarray(_images((24, 24, 3)) / 255.0, jnp.float32)
-  crop = jax.jit(augment.resized_crop, static_argnums=2)
+  resized_crop = jax.jit(crop.resized_crop, static_argnums=2)
   np.testing.assert_allclose(
-      crop(image, jnp.array([5, 7, 12, 12]), 12), image[5:17, 7:19], atol=1e-6)
-  whole = crop(image, jnp.array([0, 0, 24, 24]), 16)
+      resized_crop(image, jnp.array([5, 7, 12, 12]), 12), image[5:17, 7:19], atol=1e-6)
+  whole = resized_crop(image, jnp.array([0, 0, 24, 24]), 16)
   expected = jax.image.resize(image, (16, 16, 3), "linear", antialias=True)
   np.testing.assert_allclose(whole, expected, atol=1e-5)
 
@@ -147,7 +149,7 @@ def test_crop_box_statistics():
   height, width, n = 32, 32, 4000
   keys = jax.random.split(jax.random.key(0), n)
   top, left, h, w = (np.asarray(v) for v in jax.jit(jax.vmap(
-      lambda k: augment.crop_box(k, height, width)))(keys))
+      lambda k: crop.crop_box(k, height, width)))(keys))
   assert (top >= 0).all() and (left >= 0).all()
   assert (top + h <= height).all() and (left + w <= width).all()
   assert (top == 0).any() and (top + h == height).any() and (left + w == width).any()
@@ -270,9 +272,9 @@ def test_from_config():
 
 
 def test_dataset_stats_table():
-  assert set(augment.DATASET_STATS) == {
+  assert set(dataset_stats.DATASET_STATS) == {
       "fashion_mnist", "cifar10", "cifar100", "stl10", "imagenet2012"}
-  for stats in augment.DATASET_STATS.values():
+  for stats in dataset_stats.DATASET_STATS.values():
     assert len(stats.mean) == len(stats.std)
 
 
@@ -284,5 +286,5 @@ def test_fashion_mnist_stats_match_the_training_images():
   values = np.arange(256) / 255.0
   mean = counts @ values / counts.sum()
   std = math.sqrt(counts @ (values - mean) ** 2 / counts.sum())
-  stats = augment.DATASET_STATS["fashion_mnist"]
+  stats = dataset_stats.DATASET_STATS["fashion_mnist"]
   assert abs(mean - stats.mean[0]) < 1e-4 and abs(std - stats.std[0]) < 1e-4

@@ -16,6 +16,8 @@ import jax
 import numpy as np
 import pytest
 
+from instdisc_jax import checkpoint_leaves
+from instdisc_jax import checkpoint_orbax
 from instdisc_jax import checkpointing
 from instdisc_jax import config_io
 from instdisc_jax import parallel
@@ -45,8 +47,8 @@ def make_state(offset: float = 0.0):
 def host(state):
   """{leaf name: numpy value} (replicated leaves from the first device)."""
   flat = jax.tree_util.tree_flatten_with_path(state)[0]
-  return {checkpointing.leaf_name(path): np.asarray(parallel.first_replica(x))
-          if checkpointing.leaf_name(path) != "rows" else np.asarray(x) for path, x in flat}
+  return {checkpoint_leaves.leaf_name(path): np.asarray(parallel.first_replica(x))
+          if checkpoint_leaves.leaf_name(path) != "rows" else np.asarray(x) for path, x in flat}
 
 
 def assert_same(a, b):
@@ -244,15 +246,15 @@ def test_incompatible_run_is_refused_with_the_differing_fields(saved):
 def test_checksums_do_not_depend_on_the_layout():
   """The same values checksum the same whether replicated, sharded or on one device."""
   values = np.random.default_rng(1).standard_normal((8, 5, 3)).astype(np.float32)
-  sharded, _ = checkpointing.inspect_leaves({"x": parallel.shard_local_rows(values)})
-  single, _ = checkpointing.inspect_leaves({"x": jax.numpy.asarray(values)})
+  sharded, _ = checkpoint_leaves.inspect_leaves({"x": parallel.shard_local_rows(values)})
+  single, _ = checkpoint_leaves.inspect_leaves({"x": jax.numpy.asarray(values)})
   assert sharded == single
   changed = values.copy()
   changed[3, 2, 1] = np.nextafter(changed[3, 2, 1], np.float32(1))
-  assert checkpointing.inspect_leaves({"x": jax.numpy.asarray(changed)})[0] != single
+  assert checkpoint_leaves.inspect_leaves({"x": jax.numpy.asarray(changed)})[0] != single
   swapped = values.copy()
   swapped[0, 0, [0, 1]] = swapped[0, 0, [1, 0]]
-  assert checkpointing.inspect_leaves({"x": jax.numpy.asarray(swapped)})[0] != single
+  assert checkpoint_leaves.inspect_leaves({"x": jax.numpy.asarray(swapped)})[0] != single
 
 
 # -- asynchronous saves --------------------------------------------------------------------------
@@ -261,7 +263,7 @@ def test_checksums_do_not_depend_on_the_layout():
 @pytest.fixture
 def slow_writes(monkeypatch):
   """Every save's background part takes at least 2 s (the test-only hook)."""
-  monkeypatch.setenv(checkpointing.WRITE_DELAY_ENV, "2")
+  monkeypatch.setenv(checkpoint_orbax.WRITE_DELAY_ENV, "2")
 
 
 def test_save_returns_while_the_checkpoint_is_written(tmp_path, slow_writes):
@@ -347,8 +349,8 @@ def test_abandoned_read_callbacks_are_dropped_and_other_unraisables_kept(monkeyp
   """Only the noise of abandoned orbax reads is dropped."""
   seen = []
   monkeypatch.setattr(sys, "unraisablehook", lambda u: seen.append(u.exc_value))
-  checkpointing._install_quiet_fallback()
-  checkpointing._install_quiet_fallback()          # Installed once, however often called.
+  checkpoint_orbax.install_quiet_fallback()
+  checkpoint_orbax.install_quiet_fallback()          # Installed once, however often called.
   loop = asyncio.new_event_loop()
   loop.close()
   for error_of in (lambda: loop.call_soon_threadsafe(print), lambda: 1 / 0):
@@ -370,3 +372,21 @@ def test_abandoned_read_callbacks_are_dropped_and_other_unraisables_kept(monkeyp
                                              object=types.SimpleNamespace(cr_code=code)))
   assert [type(e) for e in seen] == [ZeroDivisionError, ValueError]
   assert str(seen[-1].args[0]) == str(other)
+
+
+def test_orbax_warning_about_missing_step_metadata_is_dropped(saved, caplog, monkeypatch):
+  """A reader may list a checkpoint the run then deletes: orbax's "Metadata file does not exist"
+  for it is dropped (the Checkpointer says what matters); orbax's other warnings are kept."""
+  absl_logger = logging.getLogger("absl")
+  monkeypatch.setattr(absl_logger, "filters", list(absl_logger.filters))   # Restored after.
+  workdir, states = saved
+  os.remove(os.path.join(workdir, "checkpoints", "8", "_CHECKPOINT_METADATA"))
+  with caplog.at_level(logging.WARNING):
+    checkpointer = Checkpointer(workdir, keep=None, sharded_keys=SHARDED, read_only=True)
+    state, _, step = checkpointer.restore(make_state(), META)
+    checkpointer.close()
+    absl_logger.warning("another orbax warning")
+  assert step == 8
+  assert_same(state, states[8])
+  assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == [
+      "another orbax warning"]

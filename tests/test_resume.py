@@ -29,6 +29,8 @@ import orbax.checkpoint as ocp
 import pytest
 import tiny_run
 
+from instdisc_jax import checkpoint_leaves
+from instdisc_jax import checkpoint_orbax
 from instdisc_jax import checkpointing
 
 pytestmark = pytest.mark.slow
@@ -117,7 +119,7 @@ def final_state(workdir) -> dict:
                              args=ocp.args.Composite(state=ocp.args.StandardRestore()))
   manager.close()
   flat = jax.tree_util.tree_flatten_with_path(restored["state"])[0]
-  return {checkpointing.leaf_name(path): np.asarray(leaf) for path, leaf in flat}
+  return {checkpoint_leaves.leaf_name(path): np.asarray(leaf) for path, leaf in flat}
 
 
 def metrics(workdir) -> list[dict]:
@@ -246,7 +248,7 @@ def test_sigkill_during_an_asynchronous_save_resumes_exactly(reference, flags, e
   the reference. The test-only hook makes every background write take 3 s, so the kill lands
   inside one for certain."""
   workdir = str(tmp_path / "killed_while_saving")
-  slow = dict(env, **{checkpointing.WRITE_DELAY_ENV: "3"})
+  slow = dict(env, **{checkpoint_orbax.WRITE_DELAY_ENV: "3"})
   killed = start(workdir, flags, slow)
   stepped_to = save_in_flight(killed, workdir, 6)
   killed.kill()
@@ -307,6 +309,7 @@ def set_log_z(workdir, step: int, log_z: float) -> None:
   manager.save(step, args=ocp.args.Composite(
       state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(items["data"]),
       meta=ocp.args.JsonSave(items["meta"]),
-      integrity=ocp.args.JsonSave({"checksums": checkpointing.inspect_leaves(state)[0]})))
+      integrity=ocp.args.JsonSave(
+          {"checksums": checkpoint_leaves.inspect_leaves(state)[0]})))
   manager.wait_until_finished()
   manager.close()
