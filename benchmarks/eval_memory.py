@@ -128,8 +128,8 @@ def sharded_steps(size: Size, devices=None, steps=("extract", "sweep", "probe_tr
   train_tables, eval_tables = tables(train_layout), tables(eval_layout)
   results = {"pooled_dim": pooled_dim, "devices": num}
   if "extract" in steps:
-    hp = steps.StepConfig.from_config(config, train_layout, transform, size.num_classes)
-    state = steps.TrainState(
+    hp = steps_lib.StepConfig.from_config(config, train_layout, transform, size.num_classes)
+    state = steps_lib.TrainState(
         step=_abstract((num,), "int32", devices),
         params={"encoder": _replicated(variables["params"], num, devices)},
         batch_stats=_replicated(variables.get("batch_stats", {}), num, devices),
