@@ -58,8 +58,9 @@ class MemoryBank:
 
   Attributes:
     rows: the stored rows, (rows_per_shard, d) inside a mapped step and (num_shards,
-      rows_per_shard, d) outside: float32 values, or the bit pattern of `value_dtype` values.
-      All arithmetic on them is float32.
+      rows_per_shard, d) outside: the values (float32; a bank built directly may hold values of
+      any float dtype), or the bit pattern of `value_dtype` values. All arithmetic on them is
+      float32.
     num_instances: n, the number of real instances (static).
     num_shards: D, the number of devices the instance axis is split over (static).
     value_dtype: the dtype whose bit pattern `rows` holds (bfloat16), or None when `rows` holds
@@ -74,7 +75,8 @@ class MemoryBank:
   @classmethod
   def from_values(cls, values: jax.Array, *, num_instances: int,
                   num_shards: int = 1) -> "MemoryBank":
-    """A bank holding `values` (float32 as they are; bfloat16 as its bit pattern)."""
+    """A bank of `values`: stored as they are if 32 bits wide or more, else (bfloat16) as
+    their bit pattern."""
     dtype = jnp.dtype(values.dtype)
     if dtype.itemsize >= 4:
       return cls(rows=values, num_instances=num_instances, num_shards=num_shards)
