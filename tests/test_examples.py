@@ -82,3 +82,14 @@ def test_bf16_bank_step_temporaries_do_not_grow_with_n():
   bank_growth = large["alias"] - small["alias"]        # the donated bank shard grew 100x
   assert bank_growth > 0.9 * (250_000 - 2_500) * 32 * 2
   assert large["temp"] - small["temp"] < bank_growth / 100, (small, large)
+
+
+@pytest.mark.slow
+def test_example_runs_with_a_bf16_bank(capsys):
+  """The same example with its bank in bfloat16 (stored as bits), in this process's 8 devices:
+  it trains and its kNN reads the bank's values."""
+  _example().main(bank_dtype=jnp.bfloat16)
+  out = capsys.readouterr().out
+  losses = re.findall(r"step \d: loss (\S+)", out)
+  assert len(losses) == 3 and all(float(x) > 0 for x in losses)
+  assert "kNN predictions:" in out
