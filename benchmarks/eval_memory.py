@@ -46,6 +46,7 @@ from benchmarks import hlo
 from instdisc_jax import augment
 from instdisc_jax import default_config
 from instdisc_jax import parallel
+from instdisc_jax import steps as steps_lib
 from instdisc_jax import train
 from instdisc_jax.evaluation import features as features_lib
 from instdisc_jax.evaluation import knn_sweep

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from instdisc_jax import parallel
+from instdisc_jax.memory_bank import MemoryBank
 
 
 def _is_instance_sharded(path, sharded_keys) -> bool:
@@ -32,15 +33,28 @@ def _is_instance_sharded(path, sharded_keys) -> bool:
   return bool(names & set(sharded_keys))
 
 
+def _map_banks(fn, tree):
+  """`fn` applied to every `MemoryBank` node of `tree`."""
+  return jax.tree.map(lambda x: fn(x) if isinstance(x, MemoryBank) else x, tree,
+                      is_leaf=lambda x: isinstance(x, MemoryBank))
+
+
 def for_saving(state, sharded_keys):
-  """Replicated (D, ...) leaves -> one copy; instance-sharded leaves -> global (D, ...) arrays."""
-  return jax.tree_util.tree_map_with_path(
+  """Replicated (D, ...) leaves -> one copy; instance-sharded leaves -> global (D, ...) arrays.
+
+  A bank stored as bits is saved as its values (`MemoryBank.as_values`, the same bits), so a
+  checkpoint's format does not depend on how the bank is stored in memory.
+  """
+  saved = jax.tree_util.tree_map_with_path(
       lambda path, x: parallel.to_global(x) if _is_instance_sharded(path, sharded_keys)
       else parallel.to_single_copy(x), state)
+  return _map_banks(MemoryBank.as_values, saved)
 
 
 def from_saved(saved, sharded_keys):
-  """Inverse of `for_saving`."""
+  """Inverse of `for_saving` (a bfloat16 bank comes back stored as bits)."""
+  saved = _map_banks(lambda bank: MemoryBank.from_values(
+      bank.rows, num_instances=bank.num_instances, num_shards=bank.num_shards), saved)
   return jax.tree_util.tree_map_with_path(
       lambda path, x: x if _is_instance_sharded(path, sharded_keys)
       else parallel.from_single_copy(x), saved)

@@ -16,6 +16,10 @@ The rows are an instance-sharded array (see `sharding.py`): global shape
 `(num_shards, rows_per_shard, d)`, and `(rows_per_shard, d)` inside a mapped step. Functions that
 take an `axis_name` are meant to be called inside the mapped step; the `init_*` functions build
 the host-side/global value.
+
+A low-precision bank (bfloat16) keeps its rows as their bit pattern (`uint16`), see `MemoryBank`:
+a step gathers and bit-casts only the rows it reads and scatters the bits of the rows it writes,
+so no bank-sized conversion exists on any backend. Read a whole bank with `MemoryBank.values()`.
 """
 
 from __future__ import annotations
@@ -38,16 +42,46 @@ INITS = ("uniform", "unit")
 class MemoryBank:
   """Bank rows plus the static facts needed to interpret them.
 
+  A bank is stored either as its values (float32, the default) or, for a low-precision bank, as
+  their bit pattern: `rows` then holds unsigned integers of the same width (uint16 for bfloat16)
+  and `value_dtype` names the values' dtype. Bit patterns because XLA:CPU has no bfloat16
+  scatter and rewrites one into a float32 round trip of the whole shard, and does not turn a
+  same-width `bitcast-convert` into a free bitcast either: bit-casting the shard inside the step
+  would materialise a bank-sized copy each way. Stored as bits, a step bit-casts only the
+  (B + m) x d rows it gathers and scatters uint16 rows, in place, on every backend. The bits are
+  those of the values, so a bank's numbers do not depend on how it is stored; checkpoints hold
+  the values (`values()`), as they did before banks were stored as bits.
+
+  Build banks with `init_bank` or `MemoryBank.from_values`; read them whole with `values()` (a
+  bank-sized bit-cast for a bfloat16 bank: for kNN over the bank, evaluation and saving, never
+  in the train step).
+
   Attributes:
-    rows: (rows_per_shard, d) inside a mapped step; (num_shards, rows_per_shard, d) outside.
-      float32 or bfloat16 storage; all arithmetic on them is float32.
+    rows: the stored rows, (rows_per_shard, d) inside a mapped step and (num_shards,
+      rows_per_shard, d) outside: the values (float32; a bank built directly may hold values of
+      any float dtype), or the bit pattern of `value_dtype` values. All arithmetic on them is
+      float32.
     num_instances: n, the number of real instances (static).
     num_shards: D, the number of devices the instance axis is split over (static).
+    value_dtype: the dtype whose bit pattern `rows` holds (bfloat16), or None when `rows` holds
+      the values themselves (static).
   """
 
   rows: jax.Array
   num_instances: int = flax.struct.field(pytree_node=False)
   num_shards: int = flax.struct.field(pytree_node=False, default=1)
+  value_dtype: Optional[jnp.dtype] = flax.struct.field(pytree_node=False, default=None)
+
+  @classmethod
+  def from_values(cls, values: jax.Array, *, num_instances: int,
+                  num_shards: int = 1) -> "MemoryBank":
+    """A bank of `values`: stored as they are if 32 bits wide or more, else (bfloat16) as
+    their bit pattern."""
+    dtype = jnp.dtype(values.dtype)
+    if dtype.itemsize >= 4:
+      return cls(rows=values, num_instances=num_instances, num_shards=num_shards)
+    return cls(rows=jax.lax.bitcast_convert_type(values, _bits_dtype(dtype)),
+               num_instances=num_instances, num_shards=num_shards, value_dtype=dtype)
 
   @property
   def layout(self) -> ShardLayout:
@@ -56,6 +90,41 @@ class MemoryBank:
   @property
   def dim(self) -> int:
     return self.rows.shape[-1]
+
+  @property
+  def dtype(self) -> jnp.dtype:
+    """The dtype of the bank's values (bfloat16 for a bank stored as bits)."""
+    return jnp.dtype(self.rows.dtype if self.value_dtype is None else self.value_dtype)
+
+  def values(self) -> jax.Array:
+    """All rows as values of `dtype`, shaped like `rows`."""
+    return self.decode(self.rows)
+
+  def decode(self, stored: jax.Array) -> jax.Array:
+    """Values of stored rows (e.g. a gather of `rows`)."""
+    if self.value_dtype is None:
+      return stored
+    return jax.lax.bitcast_convert_type(stored, self.value_dtype)
+
+  def encode(self, values: jax.Array) -> jax.Array:
+    """Stored form of rows: `values` rounded to `dtype` (once), as bits if the bank holds bits."""
+    values = values.astype(self.dtype)
+    if self.value_dtype is None:
+      return values
+    return jax.lax.bitcast_convert_type(values, self.rows.dtype)
+
+  def as_values(self) -> "MemoryBank":
+    """The same bank with `rows` holding the values (for a checkpoint: the format it has always
+    had). `from_values` of its rows is this bank again."""
+    if self.value_dtype is None:
+      return self
+    return MemoryBank(rows=self.values(), num_instances=self.num_instances,
+                      num_shards=self.num_shards)
+
+
+def _bits_dtype(dtype) -> jnp.dtype:
+  """The unsigned integer dtype as wide as `dtype`."""
+  return jnp.dtype(f"uint{8 * jnp.dtype(dtype).itemsize}")
 
 
 def l2_normalize(x: jax.Array, axis: int = -1, eps: float = 1e-12) -> jax.Array:
@@ -115,10 +184,11 @@ def init_rows(key: jax.Array, layout: ShardLayout, dim: int, *, init: str = "uni
 def init_bank(key: jax.Array, num_instances: int, dim: int, *, num_shards: int = 1,
               init: str = "uniform", shards: Optional[Sequence[int]] = None,
               dtype=jnp.float32) -> MemoryBank:
-  """A bank with rows from `init_rows`; `rows` has a leading shard axis."""
+  """A bank with rows from `init_rows`; `rows` has a leading shard axis (bfloat16 rows are
+  stored as bits, see `MemoryBank`)."""
   layout = ShardLayout(num_instances, num_shards)
   rows = init_rows(key, layout, dim, init=init, shards=shards, dtype=dtype)
-  return MemoryBank(rows=rows, num_instances=num_instances, num_shards=num_shards)
+  return MemoryBank.from_values(rows, num_instances=num_instances, num_shards=num_shards)
 
 
 @flax.struct.dataclass
@@ -161,7 +231,8 @@ def gather_step_rows(bank: MemoryBank, indices: jax.Array, axis_name: AxisName,
   local_rows, owned = sharding.owned_rows(bank.layout, indices, axis_name)
   wanted = local_rows if noise_rows is None else jnp.concatenate(
       [local_rows, noise_rows.reshape(-1)])
-  gathered = jax.lax.stop_gradient(bank.rows[wanted].astype(jnp.float32))
+  # Only the gathered rows are decoded (bit-cast), never the shard.
+  gathered = jax.lax.stop_gradient(bank.decode(bank.rows[wanted]).astype(jnp.float32))
   batch = indices.shape[0]
   positives = jnp.where(owned[:, None], gathered[:batch], 0.0)
   noise = None
@@ -209,31 +280,27 @@ def _write_rows(bank: MemoryBank, local_rows: jax.Array, write_mask: jax.Array,
                 new: jax.Array) -> MemoryBank:
   # Rows not written get an out-of-range target and are dropped by the scatter.
   target = jnp.where(write_mask, local_rows, bank.layout.rows_per_shard)
-  return bank.replace(rows=_scatter_rows(bank.rows, target, new.astype(bank.rows.dtype)))
+  return bank.replace(rows=_scatter_rows(bank.rows, target, bank.encode(new)))
 
 
 def _scatter_rows(rows: jax.Array, target: jax.Array, values: jax.Array) -> jax.Array:
-  """rows.at[target].set(values, mode="drop"), in place in the donated buffer where the backend
-  allows it.
+  """rows.at[target].set(values, mode="drop"), in place in the donated buffer.
 
-  XLA's CPU backend has no half-precision scatter: for a bfloat16 bank it converts the whole
-  shard to float32, scatters there and converts back (a float32 shard-sized temporary, 2x the
-  bank, and three passes over it every step). A scatter only moves bits, so on CPU it is done
-  on the rows' unsigned-integer view of the same width instead. The CPU backend still
-  materialises that view (one bank-sized temporary and a copy each way: XLA:CPU does not turn
-  a same-width `bitcast-convert` into a free bitcast), which halves the temporaries but does not
-  remove them; a row-by-row `dynamic_update_slice` loop is worse, since XLA:CPU rewrites each
-  step of it into a pass over the whole shard. Other backends scatter low-precision rows
-  natively. A float32 bank is scattered in place everywhere.
+  Float32 rows and bit patterns (`MemoryBank.value_dtype`) are scattered in place on every
+  backend. Bank rows that hold low-precision values themselves (a `MemoryBank` built without
+  `from_values`) are scattered natively, except on CPU: XLA:CPU has no half-precision scatter
+  and would convert the whole shard to float32 and back, so their bits are scattered instead,
+  through a bank-sized bit-cast that XLA:CPU materialises (one temporary the size of the shard,
+  which storing the bank as bits avoids).
   """
   def scatter(rows, target, values):
     return rows.at[target].set(values, mode="drop")
 
-  if rows.dtype == jnp.float32:
+  if not jnp.issubdtype(rows.dtype, jnp.floating) or rows.dtype.itemsize >= 4:
     return scatter(rows, target, values)
 
   def scatter_bits(rows, target, values):
-    bits = jnp.dtype(f"uint{8 * rows.dtype.itemsize}")
+    bits = _bits_dtype(rows.dtype)
     updated = scatter(jax.lax.bitcast_convert_type(rows, bits), target,
                       jax.lax.bitcast_convert_type(values, bits))
     return jax.lax.bitcast_convert_type(updated, rows.dtype)

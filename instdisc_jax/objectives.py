@@ -213,7 +213,7 @@ def softmax_loss(features: jax.Array, indices: jax.Array, bank: MemoryBank, *,
   `aux["rows"]` holds the positives' rows (from `rows` or gathered here), for the update.
   """
   features = features.astype(jnp.float32)
-  logits = bank_scores(features, sg(bank.rows)) / temperature
+  logits = bank_scores(features, sg(bank.values())) / temperature
   logits = jnp.where(sharding.real_row_mask(bank.layout, axis_name), logits, MASKED_LOGIT)
   rows = step_rows(bank, indices, None, axis_name) if rows is None else rows
   pos, owned = positive_scores(features, rows)

@@ -304,8 +304,8 @@ class Searcher:
       raise UserError(f"--features={features}: must be one of {', '.join(FEATURES)}")
     self.trainer = trainer
     self.features = features
-    self.rows = (trainer.state.bank.rows if features == "bank"
-                 else trainer.features_bank().rows)
+    self.rows = (trainer.state.bank.values() if features == "bank"
+                 else trainer.features_bank().values())
     self._search = {}
     self._pairs = {}
 

@@ -127,8 +127,8 @@ def init_state(key: jax.Array, *, model, tx: optax.GradientTransformation, hp: S
   return TrainState(
       step=jnp.zeros((), jnp.int32), params=params,
       batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params),
-      bank=MemoryBank(rows=rows, num_instances=layout.num_instances,
-                      num_shards=layout.num_shards),
+      bank=MemoryBank.from_values(rows, num_instances=layout.num_instances,
+                                  num_shards=layout.num_shards),
       partition=objectives.Partition.create(), key=jax.random.key_data(key))
 
 

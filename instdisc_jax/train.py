@@ -310,7 +310,7 @@ class Trainer:
         epoch = step // self.steps_per_epoch
         if (epoch_done and self.eval_split is not None and config.eval_every_epochs
             and epoch % config.eval_every_epochs == 0 and step < self.total_steps):
-          result = self.evaluate_knn(self.state.bank.rows)
+          result = self.evaluate_knn(self.state.bank.values())
           writer.write(step, {f"knn_bank/{k}": v for k, v in result.items()} | {"epoch": epoch})
           if jax.process_index() == 0:
             bar.write(f"epoch {epoch}: kNN on bank features top-1 {result['top1']:.2f}% "
@@ -352,9 +352,9 @@ class Trainer:
     if self.eval_split is None:
       log.info("no labelled eval split: kNN evaluation skipped")
     else:
-      results["knn_bank"] = self.evaluate_knn(self.state.bank.rows)
+      results["knn_bank"] = self.evaluate_knn(self.state.bank.values())
       if self.config.recompute_features:
-        results["knn_recomputed"] = self.evaluate_knn(self.features_bank().rows)
+        results["knn_recomputed"] = self.evaluate_knn(self.features_bank().values())
       writer.write(self.step, {f"{name}/{k}": v for name in ("knn_bank", "knn_recomputed")
                                for k, v in results.get(name, {}).items()})
     if jax.process_index() == 0:

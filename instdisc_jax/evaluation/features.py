@@ -190,7 +190,7 @@ class FeatureCache:
   def bank_rows(self, state: steps.TrainState) -> jax.Array:
     """Recomputed training features as bank rows (the bank's layout and dtype)."""
     rows = self.get(state, self.trainer.train_split).embedding
-    dtype = state.bank.rows.dtype
+    dtype = state.bank.dtype
     return rows if rows.dtype == dtype else rows.astype(dtype)
 
   def take(self, table: jax.Array, layout: ShardLayout, indices: np.ndarray) -> np.ndarray:

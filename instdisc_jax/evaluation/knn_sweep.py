@@ -104,7 +104,7 @@ class KnnSweep:
     queries = self.cache.get(state, self.trainer.eval_split)
     results = {}
     for bank in self.banks:
-      rows = state.bank.rows if bank == "bank" else self.cache.bank_rows(state)
+      rows = state.bank.values() if bank == "bank" else self.cache.bank_rows(state)
       totals: dict = {}
       for chunk in range(self.num_chunks):
         counts = self._p_sweep(queries.embedding, queries.labels,

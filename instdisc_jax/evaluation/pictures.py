@@ -85,7 +85,7 @@ class RetrievalGrid:
                          self.num_queries, self.seed)
     # Only the picked rows leave their shards.
     queries = self.cache.take(query_features.embedding, query_features.layout, picks)
-    rows = state.bank.rows if self.bank == "bank" else self.cache.bank_rows(state)
+    rows = state.bank.values() if self.bank == "bank" else self.cache.bank_rows(state)
     found = self._p_neighbors(parallel.replicate(queries), rows, trainer.bank_labels)
     neighbors = jax.tree.map(parallel.first_replica, found)
     if self.from_train:
