@@ -12,6 +12,7 @@ import pytest
 import reference_numpy as ref
 
 from instdisc_jax import checkpoint_leaves
+from instdisc_jax import checkpointing
 from instdisc_jax import memory_bank
 from instdisc_jax import noise as noise_lib
 from instdisc_jax import objectives
