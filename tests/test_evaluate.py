@@ -8,25 +8,34 @@ import shutil
 import subprocess
 import sys
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 import pytest
+import reference_numpy
 import tiny_run
 
 from instdisc_jax import config_io
+from instdisc_jax import data
 from instdisc_jax import evaluate
 from instdisc_jax import knn
+from instdisc_jax import memory_bank
+from instdisc_jax import parallel
 from instdisc_jax import restore
+from instdisc_jax import steps
 from instdisc_jax import train
 from instdisc_jax.errors import ConfigError
 from instdisc_jax.errors import UserError
 from instdisc_jax.evaluation import config as eval_config
 from instdisc_jax.evaluation import export
+from instdisc_jax.evaluation import features as features_lib
 from instdisc_jax.evaluation import knn_sweep
 from instdisc_jax.evaluation import linear_probe
 from instdisc_jax.evaluation import pictures
 from instdisc_jax.evaluation import semi_supervised
 from instdisc_jax.plots import GridLayout
+from instdisc_jax.sharding import ShardLayout
 
 REPO = os.path.join(os.path.dirname(__file__), os.pardir)
 
@@ -148,6 +157,80 @@ def test_eval_config_rejects_bad_fields():
 @pytest.fixture(scope="module")
 def tiny_npz(tmp_path_factory):
   return tiny_run.write_blobs_npz(tmp_path_factory.mktemp("data") / "blobs.npz")
+
+
+# -- evaluators built from what they need: a stand-in network and synthetic data, no Trainer ---
+
+
+def linear_embed(state, images):
+  """A stand-in encoder: pooled = the pixels in [0, 1], embedding = their unit-norm projection."""
+  pooled = images.reshape(images.shape[0], -1).astype(jnp.float32) / 255
+  return memory_bank.l2_normalize(pooled @ state.params["w"]), pooled
+
+
+def sharded(rows, layout, fill):
+  """Host (n, ...) rows as this process's shards of the bank's layout."""
+  return parallel.shard_local_rows(layout.shard_array(rows, fill=fill)[
+      parallel.local_device_indices()])
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+  """Blob splits (96 train, 40 eval), a random projection as the network, a random bank."""
+  npz = tiny_run.write_blobs_npz(tmp_path_factory.mktemp("blobs") / "blobs.npz")
+  train_split, eval_split = data.load_splits(tiny_config(npz))
+  rng = np.random.default_rng(3)
+  w = rng.normal(size=(16 * 16, 8)).astype(np.float32)
+  bank = rng.normal(size=(96, 8)).astype(np.float32)
+  bank /= np.linalg.norm(bank, axis=1, keepdims=True)
+  layout = ShardLayout(96, jax.device_count())
+  state = steps.TrainState(
+      step=parallel.replicate(np.int32(0)), params=parallel.replicate({"w": w}), batch_stats={},
+      opt_state=None, partition=None, key=None,
+      bank=memory_bank.MemoryBank(rows=sharded(bank, layout, 0), num_instances=96,
+                                  num_shards=layout.num_shards))
+
+  def host_features(split):
+    pooled = split.images.reshape(split.num_examples, -1).astype(np.float32) / 255
+    embedding = pooled @ w
+    return embedding / np.linalg.norm(embedding, axis=1, keepdims=True), pooled
+
+  cache = features_lib.FeatureCache(linear_embed, batch_size=16, image_size=16)
+  return dict(train_split=train_split, eval_split=eval_split, state=state, bank=bank,
+              bank_labels=sharded(train_split.labels.astype(np.int32), layout, -1), cache=cache,
+              train=host_features(train_split), eval=host_features(eval_split))
+
+
+def test_knn_sweep_without_a_trainer_matches_brute_force(synthetic):
+  s = synthetic
+  sweep = knn_sweep.KnnSweep(s["cache"], train_split=s["train_split"], eval_split=s["eval_split"],
+                             bank_labels=s["bank_labels"], num_classes=4, ks=(5, 200),
+                             temperatures=(0.07, 0.5), banks=("bank", "recomputed"))
+  results = sweep.run(s["state"])
+  queries, targets = s["eval"][0], s["eval_split"].labels
+  for bank, rows in (("bank", s["bank"]), ("recomputed", s["train"][0])):
+    assert set(results[bank]) == {knn_sweep.setting_name(k, t) for k in (5, 96)
+                                  for t in (0.07, 0.5)}
+    for k in (5, 96):
+      for t in (0.07, 0.5):
+        scores, _ = reference_numpy.knn(queries, rows, s["train_split"].labels, k, t, 4)
+        top1 = 100.0 * np.mean(np.argmax(scores, axis=1) == targets)
+        assert results[bank][knn_sweep.setting_name(k, t)]["top1"] == pytest.approx(top1)
+  assert results["recomputed"]["k=5,tau=0.07"]["top1"] > 90      # blobs: the pixels separate
+
+
+def test_linear_probe_without_a_trainer_is_the_probe_of_its_features(synthetic):
+  s = synthetic
+  config = linear_probe.ProbeConfig(epochs=5, batch_size=32, learning_rate=0.03,
+                                    weight_decay=1e-4, seed=0)
+  results = linear_probe.LinearProbe(
+      s["cache"], train_split=s["train_split"], eval_split=s["eval_split"], num_classes=4,
+      kinds=("pooled", "embedding"), config=config).run(s["state"])
+  for kind, column in (("embedding", 0), ("pooled", 1)):
+    expected = linear_probe.probe(s["train"][column], s["train_split"].labels,
+                                  s["eval"][column], s["eval_split"].labels, 4, config)
+    assert results[kind] == pytest.approx(expected, abs=1e-9)
+  assert results["pooled"]["top1"] == 100.0
 
 
 def tiny_config(dataset):

@@ -193,6 +193,13 @@ class FeatureCache:
     """The split's instance layout over all devices (the bank's, for the training split)."""
     return ShardLayout(split.num_examples, jax.device_count())
 
+  def dims(self, state: steps.TrainState, channels: int) -> tuple[int, int]:
+    """(low_dim, pooled_dim) of the embedding function, from its shapes alone (no compute)."""
+    one_device = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), state)
+    images = jax.ShapeDtypeStruct((1, self.image_size, self.image_size, channels), jnp.uint8)
+    embedding, pooled = jax.eval_shape(self.embed, one_device, images)
+    return embedding.shape[-1], pooled.shape[-1]
+
   def get(self, state: steps.TrainState, split) -> Features:
     """The features of `split` under `state`'s network (computed again for another state)."""
     if state is not self._state:
@@ -202,9 +209,7 @@ class FeatureCache:
       if layout not in self._p_extract:
         self._p_extract[layout] = steps.pmapped(_extract_step, donate_argnums=(1,),
                                                 embed=self.embed, layout=layout)
-      # The embedding head maps the pooled features to low_dim: its kernel has both sizes.
-      _, pooled_dim, low_dim = state.params["encoder"]["head"]["kernel"].shape
-      tables = empty_tables(layout, low_dim, pooled_dim)
+      tables = empty_tables(layout, *self.dims(state, split.channels))
       for batch in batches(split, self.batch_size, self.image_size):
         tables = self._p_extract[layout](state, tables, parallel.shard_local_batch(batch))
       # With several processes pmap returns this process's (L, ...) slices: make them the
