@@ -69,19 +69,21 @@ class _Pending:
 class Trainer:
   """Builds the run from a config, restores it from the workdir, and trains it.
 
-  The pieces (`state`, `p_train_step`, `evaluate_knn`, ...) are attributes so that tests and
-  the evaluator can use them.
+  The pieces (`state`, `p_train_step`, `evaluate_knn`, ...) are attributes so that tests can
+  use them. What the run is comes from `restore.RunSpec`, which the evaluators and the programs
+  that use a trained run build without a Trainer.
   """
 
   def __init__(self, config: ml_collections.ConfigDict, workdir: str):
     self.config = config
     self.workdir = workdir
     # The notice that kNN is skipped waits for `initialize`: a refusal must be the only line.
+    # What the run is (data, layout, encoder, transforms, step config), as evaluators see it.
     spec = self.spec = RunSpec.from_config(config)
-    self.train_split, self.eval_split, self.data_notice = (spec.train_split, spec.eval_split,
-                                                           spec.data_notice)
-    self.layout, self.num_classes, self.image_shape = spec.layout, spec.num_classes, \
-        spec.image_shape
+    self.train_split, self.eval_split = spec.train_split, spec.eval_split
+    self.data_notice = spec.data_notice
+    self.layout, self.num_classes = spec.layout, spec.num_classes
+    self.image_shape = spec.image_shape
     self.steps_per_epoch, self.total_steps = spec.steps_per_epoch, spec.total_steps
     self.model, self.augment_config, self.hp = spec.model, spec.augment_config, spec.hp
     self.bank_labels, self.meta = spec.bank_labels, spec.meta

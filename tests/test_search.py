@@ -171,7 +171,7 @@ def test_search_finds_the_query_first_and_duplicates_the_planted_pairs(run, rest
   first = rows[0]
   assert first["path"] == str(query) and first["class"] == "class1"
   assert float(first["similarity"]) == pytest.approx(1.0, abs=1e-5)
-  paths = search.instance_paths(restored[0].train_split)
+  paths = search.instance_paths(restored[0].spec.train_split)
   assert paths[int(first["index"])] == str(query)
   with open(out / search.DUPLICATES_CSV) as f:
     pairs = {(os.path.relpath(r["first_path"], root), os.path.relpath(r["second_path"], root))
