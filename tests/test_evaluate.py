@@ -2,6 +2,7 @@
 one tiny trained workdir (four well-separated blob classes), checked against brute force and
 against the training run's own kNN."""
 
+import ast
 import json
 import os
 import shutil
@@ -231,6 +232,35 @@ def test_linear_probe_without_a_trainer_is_the_probe_of_its_features(synthetic):
                                   s["eval"][column], s["eval_split"].labels, 4, config)
     assert results[kind] == pytest.approx(expected, abs=1e-9)
   assert results["pooled"]["top1"] == 100.0
+
+
+def project_imports(module: str) -> set[str]:
+  """The instdisc_jax modules `module` imports, directly or not (at any depth of its code)."""
+  seen, todo = set(), [module]
+  while todo:
+    name = todo.pop()
+    path = os.path.join(REPO, *name.split("."))
+    path = os.path.join(path, "__init__.py") if os.path.isdir(path) else path + ".py"
+    if name in seen or not os.path.exists(path):
+      continue
+    seen.add(name)
+    with open(path) as f:
+      tree = ast.parse(f.read())
+    for node in ast.walk(tree):
+      if isinstance(node, ast.Import):
+        todo += [alias.name for alias in node.names]
+      elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("instdisc_jax"):
+        todo += [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+  return {name for name in seen if name.startswith("instdisc_jax")}
+
+
+@pytest.mark.parametrize("program", ["instdisc_jax.evaluate", "instdisc_jax.search",
+                                     "instdisc_jax.export_encoder", "instdisc_jax.restore"])
+def test_programs_that_use_a_run_do_not_import_the_training_loop(program):
+  assert "instdisc_jax.train" in project_imports("instdisc_jax.main")   # the walk finds it
+  imported = project_imports(program)
+  assert "instdisc_jax.restore" in imported
+  assert "instdisc_jax.train" not in imported
 
 
 def tiny_config(dataset):
