@@ -46,8 +46,8 @@ from benchmarks import hlo
 from instdisc_jax import augment
 from instdisc_jax import default_config
 from instdisc_jax import parallel
-from instdisc_jax import steps as steps_lib
-from instdisc_jax import train
+from instdisc_jax import restore
+from instdisc_jax import steps
 from instdisc_jax.evaluation import features as features_lib
 from instdisc_jax.evaluation import knn_sweep
 from instdisc_jax.evaluation import linear_probe
@@ -103,7 +103,7 @@ def _encoder(size: Size):
   config = default_config.get_config()
   config.model, config.model_width, config.low_dim = size.model, size.model_width, size.low_dim
   config.image_size = size.image_size
-  model = train.build_model(config)
+  model = restore.build_model(config)
   variables = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0),
                              jnp.zeros((1, size.image_size, size.image_size, size.channels)))
   transform = augment.AugmentConfig(image_size=size.image_size, mean=(0.5,) * size.channels,
@@ -111,8 +111,8 @@ def _encoder(size: Size):
   return config, model, variables, transform
 
 
-def sharded_steps(size: Size, devices=None, steps=("extract", "sweep", "probe_train",
-                                                   "probe_score")) -> dict:
+def sharded_steps(size: Size, devices=None, which=("extract", "sweep", "probe_train",
+                                                    "probe_score")) -> dict:
   """Compiled memory per device of the evaluator's steps over `devices` (all by default)."""
   num = len(jax.devices() if devices is None else devices)
   train_layout, eval_layout = ShardLayout(size.train, num), ShardLayout(size.eval, num)
@@ -128,9 +128,9 @@ def sharded_steps(size: Size, devices=None, steps=("extract", "sweep", "probe_tr
 
   train_tables, eval_tables = tables(train_layout), tables(eval_layout)
   results = {"pooled_dim": pooled_dim, "devices": num}
-  if "extract" in steps:
-    hp = steps_lib.StepConfig.from_config(config, train_layout, transform, size.num_classes)
-    state = steps_lib.TrainState(
+  if "extract" in which:
+    hp = steps.StepConfig.from_config(config, train_layout, transform, size.num_classes)
+    state = steps.TrainState(
         step=_abstract((num,), "int32", devices),
         params={"encoder": _replicated(variables["params"], num, devices)},
         batch_stats=_replicated(variables.get("batch_stats", {}), num, devices),
@@ -141,10 +141,11 @@ def sharded_steps(size: Size, devices=None, steps=("extract", "sweep", "probe_tr
              "label": _abstract((num, local), "int32", devices),
              "index": _abstract((num, local), "int32", devices),
              "mask": _abstract((num, local), "bool", devices)}
-    step = pmap(functools.partial(features_lib._extract_step, model=model, hp=hp,  # pylint: disable=protected-access
-                                  layout=train_layout), donate_argnums=(1,))
+    step = pmap(functools.partial(features_lib._extract_step,  # pylint: disable=protected-access
+                                  embed=features_lib.embed_fn(model, hp), layout=train_layout),
+                donate_argnums=(1,))
     results["extract"] = _memory(step, state, train_tables, batch)
-  if "sweep" in steps:
+  if "sweep" in which:
     chunk_rows = min(max(1, size.eval_batch // num), eval_layout.rows_per_shard)
     step = pmap(functools.partial(
         knn_sweep._sweep_step, query_layout=eval_layout, chunk_rows=chunk_rows,  # pylint: disable=protected-access
@@ -156,7 +157,7 @@ def sharded_steps(size: Size, devices=None, steps=("extract", "sweep", "probe_tr
   params = {"w": jax.ShapeDtypeStruct((pooled_dim, size.num_classes), jnp.float32),
             "b": jax.ShapeDtypeStruct((size.num_classes,), jnp.float32)}
   moments = _replicated(jax.ShapeDtypeStruct((pooled_dim,), jnp.float32), num, devices)
-  if "probe_train" in steps:
+  if "probe_train" in which:
     tx = optax.adamw(optax.cosine_decay_schedule(0.03, 1000), weight_decay=1e-4)
     carry = _replicated((params, jax.eval_shape(tx.init, params)), num, devices)
     batch = size.probe_batch + (-size.probe_batch % num)
@@ -167,7 +168,7 @@ def sharded_steps(size: Size, devices=None, steps=("extract", "sweep", "probe_tr
         step, carry, train_tables["pooled"], train_tables["labels"],
         _abstract((num, steps_per_call, batch), "int32", devices),
         _abstract((num, steps_per_call), "bool", devices), moments, moments)
-  if "probe_score" in steps:
+  if "probe_score" in which:
     step = pmap(functools.partial(linear_probe.correct_counts, axis_name=AXIS))
     results["probe_score"] = _memory(step, _replicated(params, num, devices),
                                      train_tables["pooled"], train_tables["labels"], moments,

@@ -9,9 +9,9 @@ not on the weights, and no trained 60k workdir is needed. Times, after compilati
 
 * `search`: `Searcher.nearest` for `--queries` test images, k = 10, over the 60,000 x 128 memory
   bank (embedding the queries with the eval transform, the sharded kNN, fetching the result);
-* `recompute` (with --recompute): `Trainer.features_bank`, the pass over the training set that
-  `--features=recomputed` (the CLI's default) makes once per run of the program;
-* `duplicates` (with --duplicates): `Searcher.duplicates` at threshold 0.95 over the bank.
+* `recompute` (with --recompute): `search.training_rows(run, "recomputed")`, the pass over the
+  training set that `--features=recomputed` (the CLI's default) makes once per run of the program;
+* `duplicates` (with --duplicates): `duplicates.PairFinder.find` at threshold 0.95 over the bank.
 
 Prints one JSON line per measurement (median and every repeat). Needs the Fashion-MNIST dataset
 prepared (`python -m instdisc_jax.data.prepare --dataset=fashion_mnist`).
@@ -43,29 +43,33 @@ def main() -> None:
   cli.split_cpu_into_devices((config.batch_size, config.eval_batch_size))
   import numpy as np  # pylint: disable=g-import-not-at-top
 
+  from instdisc_jax import duplicates  # pylint: disable=g-import-not-at-top
+  from instdisc_jax import restore  # pylint: disable=g-import-not-at-top
   from instdisc_jax import search  # pylint: disable=g-import-not-at-top
-  from instdisc_jax import train  # pylint: disable=g-import-not-at-top
   from instdisc_jax.evaluation import features  # pylint: disable=g-import-not-at-top
 
-  trainer = train.Trainer(config, "/nonexistent-benchmark-workdir")   # nothing is written
-  trainer.state = trainer.fresh_state()
-  picks = np.linspace(0, trainer.eval_split.num_examples - 1, args.queries).astype(int)
-  images = features.load_images(trainer.eval_split, picks, config.image_size)
-  searcher = search.Searcher(trainer, "bank")
-  record = {"environment": common.environment(), "bank_rows": trainer.layout.num_instances,
+  spec = restore.RunSpec.from_config(config)            # nothing is written
+  state = spec.fresh_state()
+  run = restore.TrainedRun(spec=spec, workdir="/nonexistent-benchmark-workdir", state=state,
+                           step=0)
+  picks = np.linspace(0, spec.eval_split.num_examples - 1, args.queries).astype(int)
+  images = features.load_images(spec.eval_split, picks, config.image_size)
+  searcher = search.Searcher.from_run(run, search.training_rows(run, "bank"))
+  record = {"environment": common.environment(), "bank_rows": spec.layout.num_instances,
             "dim": config.low_dim, "queries": args.queries, "k": args.k}
 
-  _, compile_s = common.timed(lambda: searcher.nearest(images, args.k))
-  timing = common.time_calls(lambda i: searcher.nearest(images, args.k), repeats=args.repeats,
-                             warmup=0)
+  _, compile_s = common.timed(lambda: searcher.nearest(state, images, args.k))
+  timing = common.time_calls(lambda i: searcher.nearest(state, images, args.k),
+                             repeats=args.repeats, warmup=0)
   print(json.dumps({**record, "what": "search", "first_call_s": compile_s,
                     **timing.to_json()}), flush=True)
   if args.recompute:
-    timing = common.time_calls(lambda i: trainer.features_bank().rows, repeats=1, warmup=1)
+    timing = common.time_calls(lambda i: search.training_rows(run, "recomputed"), repeats=1,
+                               warmup=1)
     print(json.dumps({**record, "what": "recompute", **timing.to_json()}), flush=True)
   if args.duplicates:
-    found = []
-    timing = common.time_calls(lambda i: found.append(searcher.duplicates(0.95, 10**6)),
+    finder, found = duplicates.PairFinder(spec.layout), []
+    timing = common.time_calls(lambda i: found.append(finder.find(searcher.rows, 0.95, 10**6)),
                                repeats=1, warmup=1)
     print(json.dumps({**record, "what": "duplicates", "threshold": 0.95,
                       "pairs": len(found[-1]), **timing.to_json()}), flush=True)

@@ -1,6 +1,6 @@
 """Train-step throughput, compile time and the share of the step spent in NCE + bank.
 
-For each case the step is built as the trainer builds it: `train.build_model`, `optim`,
+For each case the step is built as the trainer builds it: `restore.build_model`, `optim`,
 `steps.StepConfig`, `steps.init_state` and `steps.train_step`, under `jax.pmap` over the local
 devices with the state donated. The devices are the trainer's: a CPU host is split into one XLA
 device per core (`cli.split_cpu_into_devices` with the cases' train and eval batch sizes, set
@@ -115,8 +115,8 @@ from instdisc_jax import augment
 from instdisc_jax import data
 from instdisc_jax import optim
 from instdisc_jax import parallel
+from instdisc_jax import restore
 from instdisc_jax import steps
-from instdisc_jax import train
 from instdisc_jax.parallel import AXIS
 from instdisc_jax.sharding import ShardLayout
 
@@ -130,13 +130,13 @@ def synthetic_split(name: str, images: np.ndarray, num_classes: int) -> data.Dat
 
 
 def augment_config(config: ml_collections.ConfigDict, image_shape, num_classes: int):
-  """The trainer's transforms for the dataset (`train.augment_config`).
+  """The trainer's transforms for the dataset (`restore.augment_config`).
 
   ImageNet images vary in size, so the trainer crops them on the host and the device only
   applies colour and flip; the synthetic images here are already image_size x image_size.
   """
   images = np.zeros((1,) + tuple(image_shape), np.uint8)
-  cfg = train.augment_config(config, synthetic_split(config.dataset, images, num_classes))
+  cfg = restore.augment_config(config, synthetic_split(config.dataset, images, num_classes))
   if config.dataset == "imagenet2012":
     cfg = dataclasses.replace(cfg, crop_on_device=False)
   return cfg
@@ -159,7 +159,7 @@ def build(case: Case) -> Built:
   dataset_size, image_shape, num_classes = DATASETS[config.dataset]
   n = case.num_instances or dataset_size
   layout = ShardLayout(n, jax.device_count())
-  model = train.build_model(config)
+  model = restore.build_model(config)
   steps_per_epoch = n // config.batch_size
   learning_rate_fn = optim.learning_rate_schedule(config, steps_per_epoch,
                                                   config.num_epochs * steps_per_epoch)

@@ -26,7 +26,6 @@ import ml_collections
 from ml_collections import config_flags
 
 from instdisc_jax import cli
-from instdisc_jax import config_io
 from instdisc_jax import flag_errors
 from instdisc_jax.evaluation import config as eval_config_lib
 
@@ -36,8 +35,11 @@ FLAGS = flags.FLAGS
 RESULTS_NAME = "eval_results.json"
 
 
-def build_evaluators(trainer, config: ml_collections.ConfigDict, workdir: str) -> list:
-  """(name, evaluator) pairs for what `config.eval` asks for and the data allows."""
+def build_evaluators(spec, config: ml_collections.ConfigDict, workdir: str) -> list:
+  """(name, evaluator) pairs for what `config.eval` asks for and the data allow.
+
+  spec: the run's `restore.RunSpec`; the evaluators get only the pieces of it they use.
+  """
   from instdisc_jax.evaluation import export  # pylint: disable=g-import-not-at-top
   from instdisc_jax.evaluation import features  # pylint: disable=g-import-not-at-top
   from instdisc_jax.evaluation import knn_sweep  # pylint: disable=g-import-not-at-top
@@ -45,36 +47,46 @@ def build_evaluators(trainer, config: ml_collections.ConfigDict, workdir: str) -
   from instdisc_jax.evaluation import pictures  # pylint: disable=g-import-not-at-top
   from instdisc_jax.evaluation import semi_supervised  # pylint: disable=g-import-not-at-top
   e = config.eval
-  cache = features.FeatureCache(trainer, e.batch_size or trainer.config.eval_batch_size)
+  cache = features.FeatureCache(features.embed_fn(spec.model, spec.hp),
+                                batch_size=e.batch_size or spec.config.eval_batch_size,
+                                image_size=spec.config.image_size)
+  splits = dict(train_split=spec.train_split, eval_split=spec.eval_split)
   evaluators = []
-  labelled = trainer.eval_split is not None
+  labelled = spec.eval_split is not None
   if not labelled and (e.knn or e.linear_probe or e.semi_supervised_fractions):
     log.warning("no labelled eval split: kNN, linear probe and semi-supervised evaluation "
                 "skipped")
   if labelled and e.knn:
-    evaluators.append(("knn", knn_sweep.KnnSweep(trainer, cache, e.knn_k, e.knn_temperatures,
-                                                 e.knn_banks)))
+    evaluators.append(("knn", knn_sweep.KnnSweep(
+        cache, **splits, bank_labels=spec.bank_labels, num_classes=spec.num_classes,
+        ks=e.knn_k, temperatures=e.knn_temperatures, banks=e.knn_banks)))
   if labelled and e.linear_probe:
     evaluators.append(("linear_probe", linear_probe.LinearProbe(
-        trainer, cache, e.probe_features, linear_probe.ProbeConfig(
+        cache, **splits, num_classes=spec.num_classes, kinds=e.probe_features,
+        config=linear_probe.ProbeConfig(
             epochs=e.probe_epochs, batch_size=e.probe_batch_size,
             learning_rate=e.probe_learning_rate, weight_decay=e.probe_weight_decay,
             seed=e.seed))))
   if labelled and e.semi_supervised_fractions:
     evaluators.append(("semi_supervised", semi_supervised.SemiSupervised(
-        trainer, cache, e.semi_supervised_fractions, semi_supervised.FinetuneConfig(
+        cache, model=spec.model, transform=spec.augment_config, **splits,
+        num_classes=spec.num_classes, fractions=e.semi_supervised_fractions,
+        config=semi_supervised.FinetuneConfig(
             steps=e.finetune_steps, batch_size=e.finetune_batch_size,
             learning_rate=e.finetune_learning_rate, momentum=e.finetune_momentum,
             weight_decay=e.finetune_weight_decay, augment=e.finetune_augment,
             crop_scale_min=e.finetune_crop_scale_min, seed=e.seed))))
   if e.export:
-    evaluators.append(("export", export.Export(trainer, cache, workdir)))
+    evaluators.append(("export", export.Export(
+        cache, {"train": spec.train_split, "eval": spec.eval_split}, workdir)))
   if e.retrieval_grid:
     evaluators.append(("retrieval_grid", pictures.RetrievalGrid(
-        trainer, cache, workdir, num_queries=e.retrieval_queries,
-        num_neighbors=e.retrieval_neighbors, bank=e.retrieval_bank, seed=e.seed)))
+        cache, workdir, **splits, bank_labels=spec.bank_labels,
+        num_queries=e.retrieval_queries, num_neighbors=e.retrieval_neighbors,
+        bank=e.retrieval_bank, seed=e.seed)))
   if e.curves:
-    evaluators.append(("curves", pictures.TrainingCurves(trainer, workdir)))
+    evaluators.append(("curves", pictures.TrainingCurves(workdir,
+                                                         pictures.curves_title(spec.config))))
   return evaluators
 
 
@@ -82,14 +94,13 @@ def evaluate(workdir: str, config: ml_collections.ConfigDict) -> dict:
   """Restores the newest checkpoint of `workdir`, runs the evaluators, writes the results."""
   import jax  # pylint: disable=g-import-not-at-top
 
-  from instdisc_jax import train  # pylint: disable=g-import-not-at-top
+  from instdisc_jax import restore  # pylint: disable=g-import-not-at-top
   eval_config_lib.validate(config, num_devices=jax.device_count())
-  trainer = train.Trainer(config_io.load_config(workdir), workdir)
-  step = trainer.restore_for_evaluation()
-  results = {"step": step}
-  for name, evaluator in build_evaluators(trainer, config, workdir):
+  run = restore.open_run(workdir)
+  results = {"step": run.step}
+  for name, evaluator in build_evaluators(run.spec, config, workdir):
     log.info("evaluating: %s", name)
-    results[name] = evaluator.run(trainer.state)
+    results[name] = evaluator.run(run.state)
   if jax.process_index() == 0:
     with open(os.path.join(workdir, RESULTS_NAME), "w") as f:
       json.dump(results, f, indent=2)

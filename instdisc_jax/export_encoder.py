@@ -40,8 +40,8 @@ import numpy as np
 from instdisc_jax import augment
 from instdisc_jax import cli
 from instdisc_jax import parallel
+from instdisc_jax import restore
 from instdisc_jax import steps
-from instdisc_jax import train
 from instdisc_jax.errors import UserError
 
 FLAGS = flags.FLAGS
@@ -87,25 +87,26 @@ def export(model, augment_config: augment.AugmentConfig, variables: dict, *,
                            platforms=tuple(platforms))(*specs)
 
 
-def describe(trainer: train.Trainer, step: int, batch_size: Optional[int],
+def describe(run: restore.TrainedRun, batch_size: Optional[int],
              platforms: Sequence[str]) -> dict:
   """What `encoder.json` records: the input, the output and the run it came from."""
-  config, cfg = trainer.config, trainer.augment_config
+  spec, step = run.spec, run.step
+  config, cfg, split = spec.config, spec.augment_config, spec.train_split
   return {
       "input": {"dtype": "uint8", "shape": [batch_size or "b", config.image_size,
-                                            config.image_size, trainer.train_split.channels],
+                                            config.image_size, split.channels],
                 "layout": "NHWC, RGB or grey, 0-255",
                 "preparation": ("each image's centre square resized to image_size (bilinear)"
-                                if trainer.train_split.fixed_size else
+                                if split.fixed_size else
                                 "shorter side resized to image_size * 256 / 224, then the "
                                 "centre image_size square")},
       "output": {"dtype": "float32", "shape": [batch_size or "b", config.low_dim],
                  "meaning": "L2-normalised embedding; cosine similarity = dot product"},
       "normalization": {"mean": list(cfg.mean), "std": list(cfg.std)},
       "model": config.model, "low_dim": config.low_dim, "image_size": config.image_size,
-      "channels": trainer.train_split.channels, "batch_size": batch_size,
+      "channels": split.channels, "batch_size": batch_size,
       "platforms": list(platforms), "dataset": config.dataset, "step": step,
-      "workdir": os.path.abspath(trainer.workdir),
+      "workdir": os.path.abspath(run.workdir),
   }
 
 
@@ -174,21 +175,16 @@ def main(argv):
     if FLAGS.batch_size < 0:
       raise UserError(f"--batch_size={FLAGS.batch_size}: must be 0 (any batch size) or more")
     check_out(FLAGS.out)
-    run_config = cli.start_runtime_of_run(FLAGS.workdir)
-    trainer = train.Trainer(run_config, FLAGS.workdir)
-    try:
-      step = trainer.restore_for_evaluation()
-    finally:
-      trainer.close()
+    run = restore.open_run(FLAGS.workdir, cli.start_runtime_of_run(FLAGS.workdir))
     if jax.process_index() != 0:
       return
-    variables = flat_variables(trainer.state)
+    variables = flat_variables(run.state)
     batch_size = FLAGS.batch_size or None
-    exported = export(trainer.model, trainer.augment_config, variables, batch_size=batch_size,
-                      channels=trainer.train_split.channels, platforms=FLAGS.platforms)
-    info = describe(trainer, step, batch_size, FLAGS.platforms)
-    write(FLAGS.out, exported, variables, info)
-    print(f"wrote the encoder of step {step} to {FLAGS.out} (see {README_NAME} there)",
+    exported = export(run.spec.model, run.spec.augment_config, variables,
+                      batch_size=batch_size, channels=run.spec.train_split.channels,
+                      platforms=FLAGS.platforms)
+    write(FLAGS.out, exported, variables, describe(run, batch_size, FLAGS.platforms))
+    print(f"wrote the encoder of step {run.step} to {FLAGS.out} (see {README_NAME} there)",
           flush=True)
 
 

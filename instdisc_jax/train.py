@@ -15,37 +15,29 @@ from typing import Optional
 
 from etils import epath
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import tqdm
 
-from instdisc_jax import augment
 from instdisc_jax import config_validation
 from instdisc_jax import data
-from instdisc_jax import dataset_stats
-from instdisc_jax import models
-from instdisc_jax import optim
 from instdisc_jax import parallel
 from instdisc_jax.checkpointing import CHECKPOINTS_DIR
 from instdisc_jax.checkpointing import Checkpointer
 from instdisc_jax.checkpointing import check_compatible
 from instdisc_jax.config_io import RESULTS_NAME
 from instdisc_jax.config_io import incompatible_fields
-from instdisc_jax.config_io import run_meta
 from instdisc_jax.config_io import save_config
 from instdisc_jax.errors import NonFiniteLossError
-from instdisc_jax.errors import UserError
+from instdisc_jax.evaluation import features as features_lib
 from instdisc_jax.memory_bank import MemoryBank
 from instdisc_jax.metric_writers import MetricWriter
-from instdisc_jax.parallel import AXIS
 from instdisc_jax.preemption import Preempted
 from instdisc_jax.preemption import StopSignal
-from instdisc_jax.sharding import ShardLayout
+from instdisc_jax.restore import RunSpec
+from instdisc_jax.restore import restore_newest
 from instdisc_jax.steps import INSTANCE_SHARDED_KEYS
-from instdisc_jax.steps import StepConfig
 from instdisc_jax.steps import TrainState
-from instdisc_jax.steps import init_state
 from instdisc_jax.steps import knn_eval_step
 from instdisc_jax.steps import pmapped
 from instdisc_jax.steps import train_step
@@ -54,30 +46,6 @@ from instdisc_jax.workdir import WorkdirLock
 from instdisc_jax.workdir import create_workdir
 
 log = logging.getLogger(__name__)
-
-
-def build_model(config: ml_collections.ConfigDict) -> models.ResNet:
-  """The encoder `config` describes, as the trainer (and the benchmarks) build it."""
-  return models.get_model(
-      config.model, low_dim=config.low_dim, dtype=jnp.dtype(config.compute_dtype),
-      bn_axis_name=AXIS if config.cross_device_bn else None,
-      head_batchnorm=config.head_batchnorm,
-      **({"width": config.model_width} if config.model_width else {}))
-
-
-def augment_config(config: ml_collections.ConfigDict, split) -> augment.AugmentConfig:
-  """The transforms for `split`: the config's strengths, the dataset's normalisation.
-
-  Known datasets use their published statistics; others (folders, npz) are measured on up to
-  2,000 of their images.
-  """
-  stats = dataset_stats.DATASET_STATS.get(config.dataset) or data.pixel_stats(split)
-  jitter = config.augment.color_jitter
-  return augment.AugmentConfig(
-      image_size=config.image_size, mean=stats.mean, std=stats.std,
-      crop_scale=(config.augment.crop_scale_min, 1.0), crop_on_device=split.fixed_size,
-      grayscale_prob=config.augment.grayscale_prob, brightness=jitter, contrast=jitter,
-      saturation=jitter, hue=jitter, flip=config.augment.flip)
 
 
 @dataclasses.dataclass
@@ -101,48 +69,32 @@ class _Pending:
 class Trainer:
   """Builds the run from a config, restores it from the workdir, and trains it.
 
-  The pieces (`state`, `p_train_step`, `evaluate_knn`, ...) are attributes so that tests and
-  the evaluator can use them.
+  The pieces (`state`, `p_train_step`, `evaluate_knn`, ...) are attributes so that tests can
+  use them. What the run is comes from `restore.RunSpec`, which the evaluators and the programs
+  that use a trained run build without a Trainer.
   """
 
   def __init__(self, config: ml_collections.ConfigDict, workdir: str):
     self.config = config
     self.workdir = workdir
     # The notice that kNN is skipped waits for `initialize`: a refusal must be the only line.
-    self.train_split, self.eval_split, self.data_notice = data.load_splits_and_notice(config)
-    n = self.train_split.num_examples
-    config_validation.validate_against_data(config, n)
-    self.layout = ShardLayout(n, jax.device_count())
-    self.steps_per_epoch = n // config.batch_size
-    self.total_steps = (config.num_train_steps if config.num_train_steps > 0
-                        else config.num_epochs * self.steps_per_epoch)
-    self.num_classes = (self.eval_split or self.train_split).num_classes or 1
-    channels = self.train_split.channels
-    self.image_shape = (config.image_size, config.image_size, channels)
-
-    self.model = build_model(config)
-    self.learning_rate_fn = optim.learning_rate_schedule(config, self.steps_per_epoch,
-                                                         self.total_steps)
-    self.tx = optim.sgd(config, self.learning_rate_fn)
-    self.augment_config = augment_config(config, self.train_split)
-    self.hp = StepConfig.from_config(config, self.layout, self.augment_config, self.num_classes)
+    # What the run is (data, layout, encoder, transforms, step config), as evaluators see it.
+    spec = self.spec = RunSpec.from_config(config)
+    self.train_split, self.eval_split = spec.train_split, spec.eval_split
+    self.data_notice = spec.data_notice
+    self.layout, self.num_classes = spec.layout, spec.num_classes
+    self.image_shape = spec.image_shape
+    self.steps_per_epoch, self.total_steps = spec.steps_per_epoch, spec.total_steps
+    self.model, self.augment_config, self.hp = spec.model, spec.augment_config, spec.hp
+    self.bank_labels, self.meta = spec.bank_labels, spec.meta
+    self.learning_rate_fn, self.tx = spec.optimizer()
 
     static = dict(model=self.model, hp=self.hp)
-    self.p_init = pmapped(init_state, tx=self.tx, image_shape=self.image_shape,
-                          low_dim=config.low_dim, bank_init=config.bank_init,
-                          bank_dtype=jnp.dtype(config.bank_dtype), **static)
+    self.p_init = spec.initializer(self.tx)
     self.p_train_step = pmapped(train_step, donate_argnums=(0,), tx=self.tx,
                                 learning_rate_fn=self.learning_rate_fn, **static)
     self.p_knn = pmapped(knn_eval_step, **static)
     self.p_write_features = pmapped(write_features_step, donate_argnums=(1,), **static)
-
-    labels = self.train_split.labels
-    if labels is None:
-      labels = np.full((n,), -1, np.int32)
-    self.bank_labels = parallel.shard_local_rows(
-        self.layout.shard_array(labels.astype(np.int32), fill=-1)[
-            parallel.local_device_indices()])
-    self.meta = run_meta(config, self.layout, self.train_split.fingerprint)
     self.checkpointer = None      # Made by `initialize`: building a Trainer writes nothing.
     self.state = None
     self.iterator = None
@@ -185,8 +137,7 @@ class Trainer:
 
   def fresh_state(self) -> TrainState:
     """The initial train state of `config.seed` (also the target a checkpoint restores into)."""
-    key = jax.random.key_data(jax.random.key(self.config.seed))
-    return self.p_init(parallel.replicate(key))
+    return self.spec.fresh_state(self.p_init)
 
   def initialize(self) -> int:
     """Restores the newest checkpoint, or builds a fresh state. Returns the step reached.
@@ -215,22 +166,10 @@ class Trainer:
     return self.step
 
   def restore_for_evaluation(self) -> int:
-    """Restores the newest checkpoint into `state` without training (for evaluators); returns
-    its step. Raises UserError when the workdir has no checkpoint that can be read."""
-    checkpointer = Checkpointer(self.workdir, keep=None, sharded_keys=INSTANCE_SHARDED_KEYS,
-                                read_only=True)
-    try:
-      if checkpointer.latest_step() is None:
-        raise UserError(f"{self.workdir} has no checkpoint to evaluate; train it first with "
-                        "python -m instdisc_jax.main")
-      restored = checkpointer.restore(self.fresh_state(), self.meta,
-                                      compatible=incompatible_fields)
-    finally:
-      checkpointer.close()
-    if restored is None:
-      raise UserError(f"no checkpoint of {self.workdir} could be read (see the warnings above)")
-    self.state = restored[0]
-    return self.step
+    """Restores the newest checkpoint into `state` without training; returns its step. Raises
+    UserError when the workdir has no checkpoint that can be read (`restore.restore_newest`)."""
+    self.state, step = restore_newest(self.workdir, self.meta, self.fresh_state)
+    return step
 
   @property
   def step(self) -> int:
@@ -246,10 +185,9 @@ class Trainer:
 
   def features_bank(self) -> MemoryBank:
     """A bank holding eval-transform features of every training image under the current net."""
-    bank = self.state.bank.replace(rows=jnp.zeros_like(self.state.bank.rows))
-    for batch in self._eval_batches(self.train_split):
-      bank = self.p_write_features(self.state, bank, parallel.shard_local_batch(batch))
-    return bank
+    return features_lib.recomputed_bank(self.state, self.train_split, self.p_write_features,
+                                        batch_size=self.config.eval_batch_size,
+                                        image_size=self.config.image_size)
 
   def evaluate_knn(self, bank_rows) -> dict:
     """Weighted kNN top-1/top-5 (%) of the eval split against `bank_rows`."""

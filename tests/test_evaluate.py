@@ -2,30 +2,41 @@
 one tiny trained workdir (four well-separated blob classes), checked against brute force and
 against the training run's own kNN."""
 
+import ast
 import json
 import os
 import shutil
 import subprocess
 import sys
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 import pytest
+import reference_numpy
 import tiny_run
 
 from instdisc_jax import config_io
+from instdisc_jax import data
 from instdisc_jax import evaluate
 from instdisc_jax import knn
+from instdisc_jax import memory_bank
+from instdisc_jax import parallel
+from instdisc_jax import restore
+from instdisc_jax import steps
 from instdisc_jax import train
 from instdisc_jax.errors import ConfigError
 from instdisc_jax.errors import UserError
 from instdisc_jax.evaluation import config as eval_config
 from instdisc_jax.evaluation import export
+from instdisc_jax.evaluation import features as features_lib
 from instdisc_jax.evaluation import knn_sweep
 from instdisc_jax.evaluation import linear_probe
 from instdisc_jax.evaluation import pictures
 from instdisc_jax.evaluation import semi_supervised
 from instdisc_jax.plots import GridLayout
+from instdisc_jax.sharding import ShardLayout
 
 REPO = os.path.join(os.path.dirname(__file__), os.pardir)
 
@@ -149,6 +160,109 @@ def tiny_npz(tmp_path_factory):
   return tiny_run.write_blobs_npz(tmp_path_factory.mktemp("data") / "blobs.npz")
 
 
+# -- evaluators built from what they need: a stand-in network and synthetic data, no Trainer ---
+
+
+def linear_embed(state, images):
+  """A stand-in encoder: pooled = the pixels in [0, 1], embedding = their unit-norm projection."""
+  pooled = images.reshape(images.shape[0], -1).astype(jnp.float32) / 255
+  return memory_bank.l2_normalize(pooled @ state.params["w"]), pooled
+
+
+def sharded(rows, layout, fill):
+  """Host (n, ...) rows as this process's shards of the bank's layout."""
+  return parallel.shard_local_rows(layout.shard_array(rows, fill=fill)[
+      parallel.local_device_indices()])
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+  """Blob splits (96 train, 40 eval), a random projection as the network, a random bank."""
+  npz = tiny_run.write_blobs_npz(tmp_path_factory.mktemp("blobs") / "blobs.npz")
+  train_split, eval_split = data.load_splits(tiny_config(npz))
+  rng = np.random.default_rng(3)
+  w = rng.normal(size=(16 * 16, 8)).astype(np.float32)
+  bank = rng.normal(size=(96, 8)).astype(np.float32)
+  bank /= np.linalg.norm(bank, axis=1, keepdims=True)
+  layout = ShardLayout(96, jax.device_count())
+  state = steps.TrainState(
+      step=parallel.replicate(np.int32(0)), params=parallel.replicate({"w": w}), batch_stats={},
+      opt_state=None, partition=None, key=None,
+      bank=memory_bank.MemoryBank(rows=sharded(bank, layout, 0), num_instances=96,
+                                  num_shards=layout.num_shards))
+
+  def host_features(split):
+    pooled = split.images.reshape(split.num_examples, -1).astype(np.float32) / 255
+    embedding = pooled @ w
+    return embedding / np.linalg.norm(embedding, axis=1, keepdims=True), pooled
+
+  cache = features_lib.FeatureCache(linear_embed, batch_size=16, image_size=16)
+  return dict(train_split=train_split, eval_split=eval_split, state=state, bank=bank,
+              bank_labels=sharded(train_split.labels.astype(np.int32), layout, -1), cache=cache,
+              train=host_features(train_split), eval=host_features(eval_split))
+
+
+def test_knn_sweep_without_a_trainer_matches_brute_force(synthetic):
+  s = synthetic
+  sweep = knn_sweep.KnnSweep(s["cache"], train_split=s["train_split"], eval_split=s["eval_split"],
+                             bank_labels=s["bank_labels"], num_classes=4, ks=(5, 200),
+                             temperatures=(0.07, 0.5), banks=("bank", "recomputed"))
+  results = sweep.run(s["state"])
+  queries, targets = s["eval"][0], s["eval_split"].labels
+  for bank, rows in (("bank", s["bank"]), ("recomputed", s["train"][0])):
+    assert set(results[bank]) == {knn_sweep.setting_name(k, t) for k in (5, 96)
+                                  for t in (0.07, 0.5)}
+    for k in (5, 96):
+      for t in (0.07, 0.5):
+        scores, _ = reference_numpy.knn(queries, rows, s["train_split"].labels, k, t, 4)
+        top1 = 100.0 * np.mean(np.argmax(scores, axis=1) == targets)
+        assert results[bank][knn_sweep.setting_name(k, t)]["top1"] == pytest.approx(top1)
+  assert results["recomputed"]["k=5,tau=0.07"]["top1"] > 90      # blobs: the pixels separate
+
+
+def test_linear_probe_without_a_trainer_is_the_probe_of_its_features(synthetic):
+  s = synthetic
+  config = linear_probe.ProbeConfig(epochs=5, batch_size=32, learning_rate=0.03,
+                                    weight_decay=1e-4, seed=0)
+  results = linear_probe.LinearProbe(
+      s["cache"], train_split=s["train_split"], eval_split=s["eval_split"], num_classes=4,
+      kinds=("pooled", "embedding"), config=config).run(s["state"])
+  for kind, column in (("embedding", 0), ("pooled", 1)):
+    expected = linear_probe.probe(s["train"][column], s["train_split"].labels,
+                                  s["eval"][column], s["eval_split"].labels, 4, config)
+    assert results[kind] == pytest.approx(expected, abs=1e-9)
+  assert results["pooled"]["top1"] == 100.0
+
+
+def project_imports(module: str) -> set[str]:
+  """The instdisc_jax modules `module` imports, directly or not (at any depth of its code)."""
+  seen, todo = set(), [module]
+  while todo:
+    name = todo.pop()
+    path = os.path.join(REPO, *name.split("."))
+    path = os.path.join(path, "__init__.py") if os.path.isdir(path) else path + ".py"
+    if name in seen or not os.path.exists(path):
+      continue
+    seen.add(name)
+    with open(path) as f:
+      tree = ast.parse(f.read())
+    for node in ast.walk(tree):
+      if isinstance(node, ast.Import):
+        todo += [alias.name for alias in node.names]
+      elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("instdisc_jax"):
+        todo += [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+  return {name for name in seen if name.startswith("instdisc_jax")}
+
+
+@pytest.mark.parametrize("program", ["instdisc_jax.evaluate", "instdisc_jax.search",
+                                     "instdisc_jax.export_encoder", "instdisc_jax.restore"])
+def test_programs_that_use_a_run_do_not_import_the_training_loop(program):
+  assert "instdisc_jax.train" in project_imports("instdisc_jax.main")   # the walk finds it
+  imported = project_imports(program)
+  assert "instdisc_jax.restore" in imported
+  assert "instdisc_jax.train" not in imported
+
+
 def tiny_config(dataset):
   return tiny_run.config(dataset, num_epochs=1)
 
@@ -253,15 +367,10 @@ def test_a_workdir_without_a_checkpoint_is_refused(evaluated, tmp_path):
       cli.stderr
 
 
-@pytest.mark.slow  # trains a tiny run, then evaluates it
 def test_unlabelled_data_skips_the_labelled_evaluators(tmp_path):
   images, _ = tiny_run.blob_images(np.random.default_rng(1), 32)
   np.savez(tmp_path / "unlabelled.npz", images=images)
   config = tiny_config(str(tmp_path / "unlabelled.npz"))
-  trainer = train.Trainer(config, str(tmp_path))
-  try:
-    names = [name for name, _ in evaluate.build_evaluators(
-        trainer, eval_config.get_config(runlocal=True), str(tmp_path))]
-  finally:
-    trainer.close()
+  names = [name for name, _ in evaluate.build_evaluators(
+      restore.RunSpec.from_config(config), eval_config.get_config(runlocal=True), str(tmp_path))]
   assert names == ["export", "retrieval_grid", "curves"]

@@ -1,5 +1,6 @@
-"""Search and near-duplicates (issue 16): `search.similar_pairs` against brute force on 8 fake
-devices, and `python -m instdisc_jax.search` on a tiny trained folder dataset."""
+"""Search and near-duplicates (issue 16): `duplicates.similar_pairs` against brute force on 8
+fake devices, and `python -m instdisc_jax.search` on a tiny trained folder dataset (restored
+without a Trainer, `restore.open_run`)."""
 
 import csv
 import functools
@@ -16,9 +17,11 @@ import pytest
 import tiny_run
 
 from instdisc_jax import config_io
+from instdisc_jax import duplicates
 from instdisc_jax import export_encoder
 from instdisc_jax import parallel
 from instdisc_jax import plots
+from instdisc_jax import restore
 from instdisc_jax import search
 from instdisc_jax import steps
 from instdisc_jax import train
@@ -55,11 +58,11 @@ def run_similar_pairs(x, threshold, k, num_shards, **blocks):
   with a leading shard axis."""
   n = len(x)
   if num_shards is None:
-    out = jax.jit(functools.partial(search.similar_pairs, num_instances=n, k=k, **blocks))(
+    out = jax.jit(functools.partial(duplicates.similar_pairs, num_instances=n, k=k, **blocks))(
         x, threshold)
     return jax.tree.map(lambda a: np.asarray(a)[None], out), ShardLayout(n)
   layout = ShardLayout(n, num_shards)
-  step = jax.pmap(functools.partial(search.similar_pairs, num_instances=n, k=k, axis_name=AXIS,
+  step = jax.pmap(functools.partial(duplicates.similar_pairs, num_instances=n, k=k, axis_name=AXIS,
                                     **blocks), axis_name=AXIS, in_axes=(0, None))
   return jax.tree.map(np.asarray, step(layout.shard_array(x), threshold)), layout
 
@@ -78,7 +81,7 @@ def test_similar_pairs_finds_the_planted_pairs_and_no_others(num_shards, blocks)
       (i, j) for i in (60, 61, 100, 130, 202) for j in (60, 61, 100, 130, 202) if i < j}
   assert np.sort(sims[np.triu_indices(len(x), 1)])[-len(expected) - 1] < 0.9  # a clear gap
   partners, layout = run_similar_pairs(x, threshold, 8, num_shards, **blocks)
-  pairs = search.pair_list(partners, layout)
+  pairs = duplicates.pair_list(partners, layout)
   assert set(zip(pairs.first.tolist(), pairs.second.tolist())) == expected
   assert len(pairs) == len(expected)
   np.testing.assert_allclose(pairs.similarity, sims[pairs.first, pairs.second], atol=1e-6)
@@ -168,7 +171,7 @@ def test_search_finds_the_query_first_and_duplicates_the_planted_pairs(run, rest
   first = rows[0]
   assert first["path"] == str(query) and first["class"] == "class1"
   assert float(first["similarity"]) == pytest.approx(1.0, abs=1e-5)
-  paths = search.instance_paths(restored[0].train_split)
+  paths = search.instance_paths(restored[0].spec.train_split)
   assert paths[int(first["index"])] == str(query)
   with open(out / search.DUPLICATES_CSV) as f:
     pairs = {(os.path.relpath(r["first_path"], root), os.path.relpath(r["second_path"], root))
@@ -182,9 +185,10 @@ def test_search_finds_the_query_first_and_duplicates_the_planted_pairs(run, rest
 
 @pytest.mark.slow
 def test_searching_the_memory_bank_returns_the_true_top_k(restored):
-  trainer, images, features = restored
-  found = search.Searcher(trainer, "bank").nearest(images, 4)
-  bank = trainer.layout.unshard_array(parallel.to_global(trainer.state.bank.rows))
+  run, images, features = restored
+  found = search.Searcher.from_run(run, search.training_rows(run, "bank")).nearest(run.state,
+                                                                                    images, 4)
+  bank = run.spec.layout.unshard_array(parallel.to_global(run.state.bank.rows))
   similarities = features @ bank.T
   np.testing.assert_allclose(found.scores, -np.sort(-similarities, axis=1)[:, :4], atol=1e-5)
   np.testing.assert_allclose(np.take_along_axis(similarities, found.indices, axis=1),
@@ -223,14 +227,12 @@ assert not [name for name in sys.modules if name.startswith("instdisc_jax")]
 def restored(run):
   """The tiny run restored in this process, with 7 of its images and their `embed` features."""
   root, workdir = run
-  trainer = train.Trainer(config_io.load_config(str(workdir)), str(workdir))
-  trainer.restore_for_evaluation()
-  trainer.close()
+  run = restore.open_run(str(workdir))
   files = sorted(str(p) for p in (root / "class1").glob("img*.png"))[:7]
-  images = search.load_queries(files, trainer.train_split, trainer.config.image_size)
-  state = jax.tree.map(parallel.first_replica, trainer.state)
-  features = np.asarray(steps.embed(state, images, model=trainer.model, hp=trainer.hp))
-  return trainer, images, features
+  images = search.load_queries(files, run.spec.train_split, run.spec.config.image_size)
+  state = jax.tree.map(parallel.first_replica, run.state)
+  features = np.asarray(steps.embed(state, images, model=run.spec.model, hp=run.spec.hp))
+  return run, images, features
 
 
 @pytest.mark.slow
@@ -258,9 +260,9 @@ def test_exported_encoder_gives_embed_features_without_the_project(run, restored
 
 @pytest.mark.slow
 def test_a_fixed_batch_export_takes_that_batch_only(restored):
-  trainer, images, expected = restored
-  variables = export_encoder.flat_variables(trainer.state)
-  exported = export_encoder.export(trainer.model, trainer.augment_config, variables,
+  run, images, expected = restored
+  variables = export_encoder.flat_variables(run.state)
+  exported = export_encoder.export(run.spec.model, run.spec.augment_config, variables,
                                    batch_size=7, channels=1, platforms=("cpu",))
   assert exported.in_avals[-1].shape == (7, 16, 16, 1)
   np.testing.assert_allclose(exported.call(variables, images), expected, atol=1e-5)

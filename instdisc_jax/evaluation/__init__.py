@@ -1,6 +1,8 @@
 """Evaluators of a trained run, used by `python -m instdisc_jax.evaluate`.
 
-Each evaluator is built from the restored `train.Trainer` and has `run(state) -> dict`:
+Each evaluator is a small object built from what it needs (a `features.FeatureCache` around the
+run's embedding function, the splits, a few settings) and knows nothing of the training loop;
+`run(state) -> dict` evaluates a train state (`restore.open_run` restores one from a workdir):
 
 * `knn_sweep.KnnSweep`: weighted kNN for several (k, tau) from one neighbour search, on the
   memory bank and on recomputed features;

@@ -19,7 +19,6 @@ import jax
 import numpy as np
 
 from instdisc_jax import steps
-from instdisc_jax import train
 from instdisc_jax.evaluation import features as features_lib
 
 FIELDS = ("features", "pooled", "labels", "indices")
@@ -54,11 +53,12 @@ def read(workdir: str, role: str) -> dict[str, np.ndarray]:
 
 
 class Export:
-  """`run(state)` -> {"train": pattern, "eval": pattern} of the archives written."""
+  """`run(state)` -> {role: pattern} of the archives written for each split of `splits`
+  ({"train": split, "eval": split or None}; None is skipped)."""
 
-  def __init__(self, trainer: train.Trainer, cache: features_lib.FeatureCache, workdir: str):
-    self.trainer = trainer
+  def __init__(self, cache: features_lib.FeatureCache, splits: dict, workdir: str):
     self.cache = cache
+    self.splits = dict(splits)
     self.workdir = workdir
 
   def _remove_stale(self, role: str) -> None:
@@ -69,9 +69,8 @@ class Export:
         os.remove(stale)
 
   def run(self, state: steps.TrainState) -> dict:
-    splits = {"train": self.trainer.train_split, "eval": self.trainer.eval_split}
     patterns = {}
-    for role, split in splits.items():
+    for role, split in self.splits.items():
       if split is None:
         continue
       rows = self.cache.get(state, split).local_rows()

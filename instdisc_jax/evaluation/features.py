@@ -17,6 +17,7 @@ Evaluators read the tables inside pmapped steps (`knn_sweep`, `linear_probe`), f
 from __future__ import annotations
 
 import functools
+from typing import Callable
 
 import flax.struct
 import jax
@@ -27,13 +28,21 @@ from instdisc_jax import data
 from instdisc_jax import parallel
 from instdisc_jax import sharding
 from instdisc_jax import steps
-from instdisc_jax import train
 from instdisc_jax.data import images as images_lib
 from instdisc_jax.parallel import AXIS
 from instdisc_jax.sharding import AxisName
 from instdisc_jax.sharding import ShardLayout
 
 KINDS = ("embedding", "pooled")
+
+# `(state, images) -> (embedding, pooled)`: this device's images through the encoder under the
+# eval transform (`embed_fn`). The only thing evaluators know of the network.
+EmbedFn = Callable[[steps.TrainState, jax.Array], tuple[jax.Array, jax.Array]]
+
+
+def embed_fn(model, hp: steps.StepConfig) -> EmbedFn:
+  """The run's `EmbedFn`: `steps.embed` with the pooled backbone features."""
+  return functools.partial(steps.embed, model=model, hp=hp, return_pooled=True)
 
 
 @flax.struct.dataclass
@@ -108,10 +117,10 @@ def take_rows(table: jax.Array, indices: jax.Array, *, layout: ShardLayout,
   return sharding.psum(mine, axis_name)
 
 
-def _extract_step(state: steps.TrainState, tables: dict, batch, *, model, hp: steps.StepConfig,
+def _extract_step(state: steps.TrainState, tables: dict, batch, *, embed: EmbedFn,
                   layout: ShardLayout) -> dict:
   """Features of this device's part of an eval batch, written into the owners' shards."""
-  embedding, pooled = steps.embed(state, batch["image"], model=model, hp=hp, return_pooled=True)
+  embedding, pooled = embed(state, batch["image"])
   indices, valid = (sharding.gather_batch(batch[name], AXIS) for name in ("index", "mask"))
   values = {"embedding": embedding, "pooled": pooled, "labels": batch["label"]}
   return {name: write_rows(tables[name], indices, sharding.gather_batch(values[name], AXIS),
@@ -135,12 +144,25 @@ def empty_tables(layout: ShardLayout, low_dim: int, pooled_dim: int) -> dict:
   return make()
 
 
-def batches(trainer: train.Trainer, split, batch_size: int):
-  """This process's padded eval batches of `split`, as `Trainer` reads them."""
+def batches(split, batch_size: int, image_size: int):
+  """This process's padded eval batches of `split` (global batches of `batch_size`), as the
+  trainer reads them."""
   return data.eval_batches(split, global_batch_size=batch_size,
                            process_index=jax.process_index(),
-                           process_count=jax.process_count(),
-                           image_size=trainer.config.image_size)
+                           process_count=jax.process_count(), image_size=image_size)
+
+
+def recomputed_bank(state: steps.TrainState, split, write_step, *, batch_size: int,
+                    image_size: int):
+  """A copy of `state.bank` holding eval-transform features of every training image.
+
+  write_step: the pmapped `steps.write_features_step` of the run (bank donated). The bank keeps
+  its layout and dtype, so the kNN steps take its rows as they take the memory bank's.
+  """
+  bank = state.bank.replace(rows=jnp.zeros_like(state.bank.rows))
+  for batch in batches(split, batch_size, image_size):
+    bank = write_step(state, bank, parallel.shard_local_batch(batch))
+  return bank
 
 
 def load_images(split, indices: np.ndarray, image_size: int) -> np.ndarray:
@@ -152,11 +174,16 @@ def load_images(split, indices: np.ndarray, image_size: int) -> np.ndarray:
 
 
 class FeatureCache:
-  """Extracts each split's features at most once for the train state last asked about."""
+  """Extracts each split's features at most once for the train state last asked about.
 
-  def __init__(self, trainer: train.Trainer, batch_size: int):
-    self.trainer = trainer
+  embed: the run's `EmbedFn` (`embed_fn`); batch_size: global batch of the extraction (a
+  multiple of the devices); image_size: the run's, for decoding variable-size records.
+  """
+
+  def __init__(self, embed: EmbedFn, *, batch_size: int, image_size: int):
+    self.embed = embed
     self.batch_size = batch_size
+    self.image_size = image_size
     self._p_extract = {}
     self._p_take = {}
     self._state = None
@@ -166,6 +193,13 @@ class FeatureCache:
     """The split's instance layout over all devices (the bank's, for the training split)."""
     return ShardLayout(split.num_examples, jax.device_count())
 
+  def dims(self, state: steps.TrainState, channels: int) -> tuple[int, int]:
+    """(low_dim, pooled_dim) of the embedding function, from its shapes alone (no compute)."""
+    one_device = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), state)
+    images = jax.ShapeDtypeStruct((1, self.image_size, self.image_size, channels), jnp.uint8)
+    embedding, pooled = jax.eval_shape(self.embed, one_device, images)
+    return embedding.shape[-1], pooled.shape[-1]
+
   def get(self, state: steps.TrainState, split) -> Features:
     """The features of `split` under `state`'s network (computed again for another state)."""
     if state is not self._state:
@@ -173,13 +207,10 @@ class FeatureCache:
     if split.name not in self._cache:
       layout = self.layout(split)
       if layout not in self._p_extract:
-        self._p_extract[layout] = steps.pmapped(
-            _extract_step, donate_argnums=(1,), model=self.trainer.model, hp=self.trainer.hp,
-            layout=layout)
-      # The embedding head maps the pooled features to low_dim: its kernel has both sizes.
-      _, pooled_dim, low_dim = state.params["encoder"]["head"]["kernel"].shape
-      tables = empty_tables(layout, low_dim, pooled_dim)
-      for batch in batches(self.trainer, split, self.batch_size):
+        self._p_extract[layout] = steps.pmapped(_extract_step, donate_argnums=(1,),
+                                                embed=self.embed, layout=layout)
+      tables = empty_tables(layout, *self.dims(state, split.channels))
+      for batch in batches(split, self.batch_size, self.image_size):
         tables = self._p_extract[layout](state, tables, parallel.shard_local_batch(batch))
       # With several processes pmap returns this process's (L, ...) slices: make them the
       # global (D, ...) arrays they are part of, so shard positions are global ones.
@@ -187,9 +218,9 @@ class FeatureCache:
       self._cache[split.name] = Features(**tables, layout=layout)
     return self._cache[split.name]
 
-  def bank_rows(self, state: steps.TrainState) -> jax.Array:
+  def bank_rows(self, state: steps.TrainState, train_split) -> jax.Array:
     """Recomputed training features as bank rows (the bank's layout and dtype)."""
-    rows = self.get(state, self.trainer.train_split).embedding
+    rows = self.get(state, train_split).embedding
     dtype = state.bank.dtype
     return rows if rows.dtype == dtype else rows.astype(dtype)
 

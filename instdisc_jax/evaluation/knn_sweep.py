@@ -22,7 +22,6 @@ from instdisc_jax import knn
 from instdisc_jax import parallel
 from instdisc_jax import sharding
 from instdisc_jax import steps
-from instdisc_jax import train
 from instdisc_jax.evaluation import features as features_lib
 from instdisc_jax.parallel import AXIS
 from instdisc_jax.sharding import AxisName
@@ -77,39 +76,43 @@ def _sweep_step(query_table, query_labels, chunk, rows, labels, *, query_layout:
 class KnnSweep:
   """kNN accuracy (%) of the eval split for every (k, tau), against each bank asked for.
 
-  The queries are the eval split's features from the shared `FeatureCache`. `run(state)`
-  returns {bank: {setting_name(k, tau): {"top1": %, "top5": %}}} with bank "bank" (the memory
-  bank) and/or "recomputed" (training features under the eval transform). Values of k above n
-  are capped at n (and named so).
+  The queries are the eval split's features from the shared `FeatureCache`; the training
+  instances are the memory bank ("bank", `state.bank.values()`) and/or their features under the
+  eval transform ("recomputed"), with `bank_labels` (the training labels in the bank's layout,
+  `restore.RunSpec.bank_labels`). `run(state)` returns {bank: {setting_name(k, tau):
+  {"top1": %, "top5": %}}}. Values of k above n are capped at n (and named so).
   """
 
-  def __init__(self, trainer: train.Trainer, cache: features_lib.FeatureCache,
-               ks: Sequence[int], temperatures: Sequence[float], banks: Sequence[str]):
-    self.trainer = trainer
+  def __init__(self, cache: features_lib.FeatureCache, *, train_split, eval_split,
+               bank_labels: jax.Array, num_classes: int, ks: Sequence[int],
+               temperatures: Sequence[float], banks: Sequence[str]):
     self.cache = cache
+    self.train_split = train_split
+    self.eval_split = eval_split
+    self.bank_labels = bank_labels
     self.banks = tuple(banks)
-    query_layout = cache.layout(trainer.eval_split)
+    query_layout = cache.layout(eval_split)
     # The cache's global batch of queries per step, split over the devices' shards.
     self.chunk_rows = min(max(1, cache.batch_size // query_layout.num_shards),
                           query_layout.rows_per_shard)
     self.num_chunks = -(-query_layout.rows_per_shard // self.chunk_rows)
-    n = trainer.layout.num_instances
+    n = train_split.num_examples
     self._p_sweep = steps.pmapped(_sweep_step, query_layout=query_layout,
                                   chunk_rows=self.chunk_rows, num_instances=n,
-                                  num_classes=trainer.num_classes,
+                                  num_classes=num_classes,
                                   ks=tuple(sorted({min(k, n) for k in ks})),
                                   temperatures=tuple(temperatures))
 
   def run(self, state: steps.TrainState) -> dict:
-    queries = self.cache.get(state, self.trainer.eval_split)
+    queries = self.cache.get(state, self.eval_split)
     results = {}
     for bank in self.banks:
-      rows = state.bank.values() if bank == "bank" else self.cache.bank_rows(state)
+      rows = (state.bank.values() if bank == "bank"
+              else self.cache.bank_rows(state, self.train_split))
       totals: dict = {}
       for chunk in range(self.num_chunks):
         counts = self._p_sweep(queries.embedding, queries.labels,
-                               parallel.replicate(np.int32(chunk)), rows,
-                               self.trainer.bank_labels)
+                               parallel.replicate(np.int32(chunk)), rows, self.bank_labels)
         for setting, hits in counts.items():
           for name, value in hits.items():
             totals.setdefault(setting, {}).setdefault(name, 0)

@@ -33,7 +33,6 @@ import optax
 from instdisc_jax import parallel
 from instdisc_jax import sharding
 from instdisc_jax import steps
-from instdisc_jax import train
 from instdisc_jax.evaluation import features as features_lib
 from instdisc_jax.parallel import AXIS
 from instdisc_jax.sharding import AxisName
@@ -223,18 +222,19 @@ def probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: 
 
 
 class LinearProbe:
-  """`run(state)` -> {feature kind: {"top1", "train_top1"}} for each kind asked for."""
+  """`run(state)` -> {feature kind: {"top1", "train_top1"}} for each kind asked for: the probe
+  fit on `train_split`'s features from the shared `FeatureCache`, scored on both splits."""
 
-  def __init__(self, trainer: train.Trainer, cache: features_lib.FeatureCache,
-               kinds: Sequence[str], config: ProbeConfig):
-    self.trainer = trainer
+  def __init__(self, cache: features_lib.FeatureCache, *, train_split, eval_split,
+               num_classes: int, kinds: Sequence[str], config: ProbeConfig):
     self.cache = cache
+    self.train_split = train_split
+    self.eval_split = eval_split
     self.kinds = tuple(kinds)
-    self.probe = Probe(trainer.num_classes, config)
+    self.probe = Probe(num_classes, config)
 
   def run(self, state: steps.TrainState) -> dict:
-    train_features = self.cache.get(state, self.trainer.train_split)
-    test_features = self.cache.get(state, self.trainer.eval_split)
-    host_labels = self.trainer.train_split.labels
-    return {kind: self.probe.probe(train_features, test_features, kind, host_labels)
+    train_features = self.cache.get(state, self.train_split)
+    test_features = self.cache.get(state, self.eval_split)
+    return {kind: self.probe.probe(train_features, test_features, kind, self.train_split.labels)
             for kind in self.kinds}

@@ -21,7 +21,6 @@ from instdisc_jax import metric_writers
 from instdisc_jax import parallel
 from instdisc_jax import plots
 from instdisc_jax import steps
-from instdisc_jax import train
 from instdisc_jax.evaluation import features as features_lib
 from instdisc_jax.parallel import AXIS
 
@@ -61,23 +60,25 @@ class RetrievalGrid:
   neighbour indices, and the fraction of neighbours of the query's class (None without labels).
   """
 
-  def __init__(self, trainer: train.Trainer, cache: features_lib.FeatureCache, workdir: str, *,
-               num_queries: int, num_neighbors: int, bank: str, seed: int):
-    self.trainer = trainer
+  def __init__(self, cache: features_lib.FeatureCache, workdir: str, *, train_split,
+               eval_split, bank_labels: jax.Array, num_queries: int, num_neighbors: int,
+               bank: str, seed: int):
     self.cache = cache
+    self.train_split = train_split
+    self.eval_split = eval_split
+    self.bank_labels = bank_labels
     self.path = os.path.join(workdir, "retrieval.png")
     self.num_queries = num_queries
     self.bank = bank
     self.seed = seed
-    self.from_train = trainer.eval_split is None
-    n = trainer.layout.num_instances
+    self.from_train = eval_split is None
+    n = train_split.num_examples
     self.k = min(num_neighbors, n - 1 if self.from_train else n)
     self._p_neighbors = steps.pmapped(_neighbors_step, num_instances=n,
                                       k=min(self.k + self.from_train, n))
 
   def run(self, state: steps.TrainState) -> dict:
-    trainer = self.trainer
-    query_split = trainer.train_split if self.from_train else trainer.eval_split
+    query_split = self.train_split if self.from_train else self.eval_split
     query_features = self.cache.get(state, query_split)
     labels = query_split.labels
     labelled = labels is not None and bool((labels >= 0).any())
@@ -85,22 +86,23 @@ class RetrievalGrid:
                          self.num_queries, self.seed)
     # Only the picked rows leave their shards.
     queries = self.cache.take(query_features.embedding, query_features.layout, picks)
-    rows = state.bank.values() if self.bank == "bank" else self.cache.bank_rows(state)
-    found = self._p_neighbors(parallel.replicate(queries), rows, trainer.bank_labels)
+    rows = (state.bank.values() if self.bank == "bank"
+            else self.cache.bank_rows(state, self.train_split))
+    found = self._p_neighbors(parallel.replicate(queries), rows, self.bank_labels)
     neighbors = jax.tree.map(parallel.first_replica, found)
     if self.from_train:
       neighbors = drop_self(neighbors, picks, self.k)
     indices = np.asarray(neighbors.indices)
-    image_size = trainer.config.image_size
+    image_size = self.cache.image_size
     query_labels = (labels[picks] if labels is not None
                     else np.full(len(picks), -1, np.int32))
     if jax.process_index() == 0:
       plots.retrieval_grid(
           self.path, features_lib.load_images(query_split, picks, image_size), query_labels,
-          np.stack([features_lib.load_images(trainer.train_split, row, image_size)
+          np.stack([features_lib.load_images(self.train_split, row, image_size)
                     for row in indices]),
           np.asarray(neighbors.labels), np.asarray(neighbors.scores),
-          class_names=trainer.train_split.class_names)
+          class_names=self.train_split.class_names)
     same = None
     if labelled:
       same = float(np.mean(np.asarray(neighbors.labels) == query_labels[:, None]))
@@ -108,16 +110,20 @@ class RetrievalGrid:
             "neighbors": indices.tolist(), "same_class_fraction": same}
 
 
+def curves_title(config) -> str:
+  """The title of a run's curves: its dataset and objective (with m for the sampled ones)."""
+  objective = config.objective + (f" m={config.num_negatives}"
+                                  if config.objective in ("nce", "infonce") else "")
+  return f"{config.dataset}, {objective}: training loss vs test kNN accuracy"
+
+
 class TrainingCurves:
   """`run(state)` draws `<workdir>/curves.png` from `metrics.jsonl` (the paper's Fig. 4)."""
 
-  def __init__(self, trainer: train.Trainer, workdir: str):
+  def __init__(self, workdir: str, title: str):
     self.workdir = workdir
     self.path = os.path.join(workdir, "curves.png")
-    config = trainer.config
-    objective = config.objective + (f" m={config.num_negatives}"
-                                    if config.objective in ("nce", "infonce") else "")
-    self.title = f"{config.dataset}, {objective}: training loss vs test kNN accuracy"
+    self.title = title
 
   def run(self, state: steps.TrainState) -> dict:
     del state  # The curves come from the run's log.

@@ -34,7 +34,6 @@ from instdisc_jax import data
 from instdisc_jax import parallel
 from instdisc_jax import sharding
 from instdisc_jax import steps
-from instdisc_jax import train
 from instdisc_jax.evaluation import features as features_lib
 from instdisc_jax.parallel import AXIS
 
@@ -177,21 +176,28 @@ def finetune(p_step, tuned: FinetuneState, subset: np.ndarray, load, config: Fin
 
 
 class SemiSupervised:
-  """`run(state)` -> {"1%": {"labelled", "top1", "final_loss"}, ...} for each fraction."""
+  """`run(state)` -> {"1%": {"labelled", "top1", "final_loss"}, ...} for each fraction.
 
-  def __init__(self, trainer: train.Trainer, cache: features_lib.FeatureCache,
-               fractions: Sequence[float], config: FinetuneConfig):
-    self.trainer = trainer
+  model: the run's encoder (`restore.build_model`); transform: the run's transforms
+  (`restore.augment_config`), whose normalisation the fine-tuning keeps. The eval split is
+  read in the `FeatureCache`'s batches and image size.
+  """
+
+  def __init__(self, cache: features_lib.FeatureCache, *, model, transform: augment.AugmentConfig,
+               train_split, eval_split, num_classes: int, fractions: Sequence[float],
+               config: FinetuneConfig):
     self.cache = cache
+    self.train_split = train_split
+    self.eval_split = eval_split
+    self.num_classes = num_classes
     self.fractions = tuple(fractions)
     self.config = config
-    self.model = Classifier.synced(trainer.model, trainer.num_classes)
+    self.model = Classifier.synced(model, num_classes)
     schedule = optax.cosine_decay_schedule(config.learning_rate, config.steps)
     self.tx = optax.chain(optax.add_decayed_weights(config.weight_decay),
                           optax.sgd(schedule, momentum=config.momentum or None))
-    run_transform = trainer.augment_config
     self.transform = dataclasses.replace(
-        run_transform, crop_scale=(config.crop_scale_min, 1.0), crop_on_device=True,
+        transform, crop_scale=(config.crop_scale_min, 1.0), crop_on_device=True,
         grayscale_prob=0.0, brightness=0.0, contrast=0.0, saturation=0.0, hue=0.0)
     self._p_step = steps.pmapped(_finetune_step, donate_argnums=(0,), model=self.model,
                                  tx=self.tx, transform=self.transform, light=config.augment)
@@ -204,15 +210,15 @@ class SemiSupervised:
     # The encoder's embedding head takes the pooled features: its input size is theirs.
     pooled_dim = encoder["head"]["kernel"].shape[0]
     params = {"encoder": encoder, "classifier": {
-        "kernel": np.zeros((pooled_dim, self.trainer.num_classes), np.float32),
-        "bias": np.zeros((self.trainer.num_classes,), np.float32)}}
+        "kernel": np.zeros((pooled_dim, self.num_classes), np.float32),
+        "bias": np.zeros((self.num_classes,), np.float32)}}
     return parallel.replicate(FinetuneState(
         step=np.zeros((), np.int32), params=params, batch_stats={"encoder": batch_stats},
         opt_state=jax.tree.map(np.asarray, self.tx.init(params))))
 
   def _finetune(self, state: steps.TrainState, subset: np.ndarray) -> tuple[FinetuneState, float]:
     """The fine-tuned classifier and its last step's loss (`config.steps` >= 1 steps)."""
-    split, image_size = self.trainer.train_split, self.trainer.config.image_size
+    split, image_size = self.train_split, self.cache.image_size
 
     def load(rows):
       return {"image": features_lib.load_images(split, rows, image_size),
@@ -222,8 +228,8 @@ class SemiSupervised:
   def _top1(self, tuned: FinetuneState) -> float:
     """Top-1 accuracy (%) of the fine-tuned classifier on the eval split."""
     correct = total = 0
-    for batch in features_lib.batches(self.trainer, self.trainer.eval_split,
-                                      self.cache.batch_size):
+    for batch in features_lib.batches(self.eval_split, self.cache.batch_size,
+                                      self.cache.image_size):
       batch = {name: batch[name] for name in ("image", "label", "mask")}
       hits, real = self._p_correct(tuned, parallel.shard_local_batch(batch))
       correct += int(parallel.first_replica(hits))
@@ -231,10 +237,9 @@ class SemiSupervised:
     return 100.0 * correct / max(total, 1)
 
   def run(self, state: steps.TrainState) -> dict:
-    labels = self.trainer.train_split.labels
     results = {}
     for fraction in self.fractions:
-      subset = balanced_subset(labels, fraction, self.config.seed)
+      subset = balanced_subset(self.train_split.labels, fraction, self.config.seed)
       tuned, loss = self._finetune(state, subset)
       results[f"{100 * fraction:g}%"] = {"labelled": int(len(subset)),
                                          "top1": self._top1(tuned), "final_loss": loss}
