@@ -172,6 +172,25 @@ class Epochs:
       fail(field, value, "must be in increasing order")
 
 
+@dataclasses.dataclass(frozen=True)
+class Grid:
+  """A non-empty tuple of distinct values, each valid under `item` (e.g. a grid of k or tau)."""
+
+  item: Any
+
+  def __call__(self, field: str, value) -> None:
+    if not isinstance(value, (tuple, list)) or not value:
+      fail(field, value, "must be a non-empty list of values, e.g. (10, 20)")
+    for v in value:
+      try:
+        self.item(field, v)
+      except ConfigError as e:
+        raise ConfigError(f"config.{field}={value!r}: the value {v!r} {str(e).split(': ', 1)[1]}"
+                          ) from e
+    if len(set(value)) != len(value):
+      fail(field, value, "must not repeat a value")
+
+
 FIELDS: dict[str, Any] = {
     "seed": Integer(0, 2**63 - 1),
     "dataset": Dataset(),
@@ -180,6 +199,8 @@ FIELDS: dict[str, Any] = {
     "eval_split": Text(),
     "data_dir": Text(),
     "image_size": Integer(8, 1024),
+    "validation_size": Integer(0),
+    "validation_seed": Integer(0, 2**63 - 1),
     "model": Choice(tuple(models.MODELS)),
     "model_width": Integer(0, 4096),
     "low_dim": Integer(1, 65536),
@@ -216,6 +237,8 @@ FIELDS: dict[str, Any] = {
     "eval_every_epochs": Integer(0),
     "eval_batch_size": Integer(1),
     "recompute_features": Boolean(),
+    "knn_select_k": Grid(Integer(1)),
+    "knn_select_temperatures": Grid(Number(0, low_open=True)),
     "checkpoint_every_steps": Integer(0),
     "keep_checkpoints": Integer(1),
     "log_every_steps": Integer(1),
@@ -267,6 +290,9 @@ def validate_against_data(config: ml_collections.ConfigDict, num_instances: int)
   if config.objective in ("nce", "infonce") and config.num_negatives >= num_instances:
     fail("num_negatives", config.num_negatives,
          f"must be less than the number of training images n={num_instances}")
+  if config.validation_size and max(config.knn_select_k) > num_instances:
+    fail("knn_select_k", config.knn_select_k,
+         f"must be at most the number of training images n={num_instances}")
   if config.knn_k > num_instances:
     fail("knn_k", config.knn_k,
          f"must be at most the number of training images n={num_instances}")

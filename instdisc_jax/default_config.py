@@ -22,6 +22,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval_split = ""                  # kNN split; "" = test (validation for imagenet2012).
   config.data_dir = ""                    # tfds data dir (GCS allowed); "" = $TFDS_DATA_DIR.
   config.image_size = 32                  # Side of the (square) network input.
+  config.validation_size = 0              # Training images held out (stratified) to choose the
+                                          # kNN (k, tau) on; 0 = none, tune nothing (paper).
+  config.validation_seed = 0              # Picks them; apart from `seed`, so runs of several
+                                          # seeds share one validation set.
 
   # Model.
   config.model = "cifar_resnet18"         # cifar_resnet18 | resnet18 | resnet50 | small_resnet.
@@ -69,6 +73,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval_every_epochs = 1            # kNN on bank features every N epochs; 0 = only at end.
   config.eval_batch_size = 1000           # Global batch for feature extraction.
   config.recompute_features = True        # Final kNN also on features recomputed without aug.
+  config.knn_select_k = (10, 20, 50, 100, 200)  # Final kNN's k grid, chosen on validation.
+  config.knn_select_temperatures = (0.02, 0.03, 0.05, 0.07, 0.1)  # Its tau grid (likewise).
 
   # Checkpoints and logs.
   config.checkpoint_every_steps = 2000    # Save every N steps (and at the end); 0 = end only.

@@ -26,6 +26,7 @@ from instdisc_jax import data
 from instdisc_jax import models
 from instdisc_jax import optim
 from instdisc_jax import parallel
+from instdisc_jax import sharding
 from instdisc_jax.checkpointing import CHECKPOINTS_DIR
 from instdisc_jax.checkpointing import Checkpointer
 from instdisc_jax.checkpointing import check_compatible
@@ -33,8 +34,10 @@ from instdisc_jax.config_io import RESULTS_NAME
 from instdisc_jax.config_io import incompatible_fields
 from instdisc_jax.config_io import run_meta
 from instdisc_jax.config_io import save_config
+from instdisc_jax.data import validation as validation_lib
 from instdisc_jax.errors import NonFiniteLossError
 from instdisc_jax.errors import UserError
+from instdisc_jax.evaluation import selection
 from instdisc_jax.memory_bank import MemoryBank
 from instdisc_jax.metric_writers import MetricWriter
 from instdisc_jax.parallel import AXIS
@@ -44,6 +47,7 @@ from instdisc_jax.sharding import ShardLayout
 from instdisc_jax.steps import INSTANCE_SHARDED_KEYS
 from instdisc_jax.steps import StepConfig
 from instdisc_jax.steps import TrainState
+from instdisc_jax.steps import embed
 from instdisc_jax.steps import init_state
 from instdisc_jax.steps import knn_eval_step
 from instdisc_jax.steps import pmapped
@@ -80,6 +84,23 @@ def augment_config(config: ml_collections.ConfigDict, split) -> augment.AugmentC
 
 
 @dataclasses.dataclass
+def knn_sweep_step(state: TrainState, batch, bank_rows, bank_labels, *, model, hp: StepConfig,
+                   sweep_counts, ks: tuple, temperatures: tuple):
+  """Top-1/top-5 hit counts of a global eval batch for every (k, tau), from one neighbour search.
+
+  `sweep_counts` is `evaluation.knn_sweep.sweep_counts` (passed in: the evaluation package builds
+  on this module). Returns ({setting_name: {"top1", "top5"}}, the number of real rows), identical
+  on every device.
+  """
+  queries = sharding.gather_batch(embed(state, batch["image"], model=model, hp=hp), AXIS)
+  targets = sharding.gather_batch(batch["label"], AXIS)
+  valid = sharding.gather_batch(batch["mask"], AXIS)
+  counts = sweep_counts(queries, targets, valid, bank_rows, bank_labels,
+                        num_instances=hp.layout.num_instances, num_classes=hp.num_classes,
+                        ks=ks, temperatures=temperatures, axis_name=AXIS)
+  return counts, jnp.sum(valid, dtype=jnp.int32)
+
+
 class _Pending:
   """Per-step metrics not yet fetched from the devices (fetching every step would stall them)."""
 
@@ -108,7 +129,11 @@ class Trainer:
     self.config = config
     self.workdir = workdir
     # The notice that kNN is skipped waits for `initialize`: a refusal must be the only line.
-    self.train_split, self.eval_split, self.data_notice = data.load_splits_and_notice(config)
+    splits = data.load_run_splits(config)
+    self.train_split, self.eval_split, self.data_notice = (splits.train, splits.evaluation,
+                                                           splits.notice)
+    # Held out of the training split (config.validation_size > 0): what (k, tau) is chosen on.
+    self.validation_split, self.validation_record = splits.validation, splits.validation_record
     n = self.train_split.num_examples
     config_validation.validate_against_data(config, n)
     self.layout = ShardLayout(n, jax.device_count())
@@ -134,6 +159,7 @@ class Trainer:
                                 learning_rate_fn=self.learning_rate_fn, **static)
     self.p_knn = pmapped(knn_eval_step, **static)
     self.p_write_features = pmapped(write_features_step, donate_argnums=(1,), **static)
+    self._p_sweeps = {}
 
     labels = self.train_split.labels
     if labels is None:
@@ -154,6 +180,7 @@ class Trainer:
     Reads only, so it can run before the workdir is locked or anything is written to it. The
     data are compared first: when only they changed, the fix is the data, not the config.
     """
+    validation_lib.check_record(self.workdir, self.validation_record)
     data.check_fingerprint(self.workdir, self.train_split, write=False)
     check_compatible(self.workdir, self.meta, incompatible_fields)
 
@@ -193,6 +220,8 @@ class Trainer:
     Records the data's fingerprint in the workdir; call it holding the workdir's lock.
     """
     data.check_fingerprint(self.workdir, self.train_split, write=jax.process_index() == 0)
+    if jax.process_index() == 0:
+      validation_lib.write_record(self.workdir, self.validation_record)
     if self.data_notice:
       log.warning("%s", self.data_notice)
     self.checkpointer = Checkpointer(self.workdir, keep=self.config.keep_checkpoints,
@@ -250,10 +279,16 @@ class Trainer:
       bank = self.p_write_features(self.state, bank, parallel.shard_local_batch(batch))
     return bank
 
-  def evaluate_knn(self, bank_rows) -> dict:
-    """Weighted kNN top-1/top-5 (%) of the eval split against `bank_rows`."""
+  @property
+  def knn_split(self):
+    """The split the periodic kNN scores: the validation set if there is one, else the test."""
+    return self.validation_split if self.validation_split is not None else self.eval_split
+
+  def evaluate_knn(self, bank_rows, split=None) -> dict:
+    """Weighted kNN top-1/top-5 (%) of `split` (default: the eval split) against `bank_rows`,
+    with the config's k and tau."""
     totals = {"top1": 0, "top5": 0, "total": 0}
-    for batch in self._eval_batches(self.eval_split):
+    for batch in self._eval_batches(self.eval_split if split is None else split):
       batch = {k: batch[k] for k in ("image", "label", "mask")}
       counts = self.p_knn(self.state, parallel.shard_local_batch(batch), bank_rows,
                           self.bank_labels)
@@ -261,6 +296,31 @@ class Trainer:
         totals[k] += int(parallel.first_replica(v))
     total = max(totals.pop("total"), 1)
     return {k: 100.0 * v / total for k, v in totals.items()}
+
+  def knn_sweep(self, bank_rows, split, ks: tuple, temperatures: tuple) -> dict:
+    """Top-1/top-5 (%) of `split` against `bank_rows` for every (k, tau) of the grids, from one
+    neighbour search per batch: {selection.Setting: {"top1", "top5"}, "hits": top-1 counts}."""
+    from instdisc_jax.evaluation import knn_sweep  # pylint: disable=g-import-not-at-top
+    # (Imported here: the evaluation package imports this module to build its evaluators.)
+    key = (ks, temperatures)
+    if key not in self._p_sweeps:
+      self._p_sweeps[key] = pmapped(knn_sweep_step, model=self.model, hp=self.hp,
+                                    sweep_counts=knn_sweep.sweep_counts, ks=ks,
+                                    temperatures=temperatures)
+    names = {knn_sweep.setting_name(k, t): selection.Setting(k, t)
+             for k in ks for t in temperatures}
+    hits = {setting: {"top1": 0, "top5": 0} for setting in names.values()}
+    total = 0
+    for batch in self._eval_batches(split):
+      batch = {k: batch[k] for k in ("image", "label", "mask")}
+      counts, real = self._p_sweeps[key](self.state, parallel.shard_local_batch(batch), bank_rows,
+                                         self.bank_labels)
+      total += int(parallel.first_replica(real))
+      for name, by_top in counts.items():
+        for top, value in by_top.items():
+          hits[names[name]][top] += int(parallel.first_replica(value))
+    return {setting: {top: 100.0 * count / max(total, 1) for top, count in by_top.items()}
+            | {"hits": by_top["top1"]} for setting, by_top in hits.items()}
 
   # -- checkpoints --------------------------------------------------------------------------------
 
@@ -309,10 +369,14 @@ class Trainer:
         epoch = step // self.steps_per_epoch
         if (epoch_done and self.eval_split is not None and config.eval_every_epochs
             and epoch % config.eval_every_epochs == 0 and step < self.total_steps):
-          result = self.evaluate_knn(self.state.bank.rows)
-          writer.write(step, {f"knn_bank/{k}": v for k, v in result.items()} | {"epoch": epoch})
+          # With a validation set, the test split is not looked at before the end.
+          on_validation = self.validation_split is not None
+          result = self.evaluate_knn(self.state.bank.rows, self.knn_split)
+          prefix = "validation/knn_bank" if on_validation else "knn_bank"
+          writer.write(step, {f"{prefix}/{k}": v for k, v in result.items()} | {"epoch": epoch})
           if jax.process_index() == 0:
-            bar.write(f"epoch {epoch}: kNN on bank features top-1 {result['top1']:.2f}% "
+            bar.write(f"epoch {epoch}: kNN on bank features"
+                      f"{' (validation)' if on_validation else ''} top-1 {result['top1']:.2f}% "
                       f"top-5 {result['top5']:.2f}%")
           clock.restart(step)
         if save_now or signal_name:
@@ -346,10 +410,20 @@ class Trainer:
     return summary
 
   def final_evaluation(self, writer: MetricWriter) -> dict:
-    """kNN on the bank and (if configured) on recomputed features; written to results.json."""
+    """kNN on the bank and (if configured) on recomputed features; written to results.json.
+
+    With a validation set, (k, tau) is chosen on it first (`select_and_test`).
+    """
     results = {"step": self.step}
     if self.eval_split is None:
       log.info("no labelled eval split: kNN evaluation skipped")
+    elif self.validation_split is not None:
+      results |= self.select_and_test()
+      writer.write(self.step, {
+          f"{prefix}knn_{kind}/{k}": v
+          for kind, choice in results["knn_choice"].items()
+          for prefix, scores in (("", results["test"][kind]), ("validation/", choice))
+          for k, v in scores.items() if k in ("top1", "top5")})
     else:
       results["knn_bank"] = self.evaluate_knn(self.state.bank.rows)
       if self.config.recompute_features:
@@ -359,6 +433,46 @@ class Trainer:
     if jax.process_index() == 0:
       with open(os.path.join(self.workdir, RESULTS_NAME), "w") as f:
         json.dump(results, f, indent=2)
+    return results
+
+  def select_and_test(self) -> dict:
+    """Chooses (k, tau) per feature kind on the validation set, then scores the test split once.
+
+    The validation images are scored for every (k, tau) of `knn_select_k` x
+    `knn_select_temperatures` from one neighbour search (`knn_sweep`); `selection.choose` picks
+    the pair. The test split is read only after both kinds are chosen. Returns the results'
+    "validation" (every setting), "knn_choice", "test" and, as without validation,
+    "knn_bank"/"knn_recomputed": the test accuracies at the chosen pair.
+    """
+    config = self.config
+    n = self.layout.num_instances
+    ks, temperatures = selection.grid(config.knn_select_k, config.knn_select_temperatures, n)
+    preferred = selection.Setting(min(config.knn_k, n), float(config.knn_temperature))
+    kinds = {"bank": self.state.bank.rows}
+    if config.recompute_features:
+      kinds["recomputed"] = self.features_bank().rows
+    validation, choices = {}, {}
+    for kind, rows in kinds.items():
+      scores = self.knn_sweep(rows, self.validation_split, ks, temperatures)
+      chosen = selection.choose({s: v["hits"] for s, v in scores.items()}, preferred)
+      validation[kind] = {f"k={s.k},tau={s.temperature:g}": {"top1": v["top1"], "top5": v["top5"]}
+                          for s, v in scores.items()}
+      choices[kind] = {"k": chosen.k, "temperature": chosen.temperature,
+                       "top1": scores[chosen]["top1"], "top5": scores[chosen]["top5"]}
+    # Only now, with every choice made, is the test split read: once, at the chosen pair.
+    test = {}
+    for kind, rows in kinds.items():
+      chosen = selection.Setting(choices[kind]["k"], choices[kind]["temperature"])
+      score = self.knn_sweep(rows, self.eval_split, (chosen.k,), (chosen.temperature,))[chosen]
+      test[kind] = {"k": chosen.k, "temperature": chosen.temperature,
+                    "top1": score["top1"], "top5": score["top5"]}
+      if jax.process_index() == 0:
+        log.info("kNN (%s features): k=%d, tau=%g chosen on validation (top-1 %.2f%%); test "
+                 "top-1 %.2f%% top-5 %.2f%%", kind, chosen.k, chosen.temperature,
+                 choices[kind]["top1"], score["top1"], score["top5"])
+    results = {"validation": validation, "knn_choice": choices, "test": test}
+    for kind, scores in test.items():
+      results[f"knn_{kind}"] = {"top1": scores["top1"], "top5": scores["top5"]}
     return results
 
   def close(self) -> None:

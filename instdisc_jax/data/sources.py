@@ -17,6 +17,7 @@ import functools
 import hashlib
 import io
 import logging
+from typing import NamedTuple
 
 import ml_collections
 import numpy as np
@@ -27,6 +28,7 @@ from instdisc_jax.data import folder as folder_lib
 from instdisc_jax.data import images as images_lib
 from instdisc_jax.data import npz as npz_lib
 from instdisc_jax.data import split as split_lib
+from instdisc_jax.data import validation as validation_lib
 from instdisc_jax.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -368,12 +370,40 @@ def load_splits_and_notice(
     config: ml_collections.ConfigDict,
 ) -> tuple[split_lib.DatasetSplit, split_lib.DatasetSplit | None, str | None]:
   """`load_splits` without logging: (train, eval or None, the notice or None), for callers
-  that have more to check before they say anything (an error must be the only line)."""
+  that have more to check before they say anything (an error must be the only line).
+
+  The training split is the training instances: without the validation images when
+  `config.validation_size` > 0 (`load_run_splits`)."""
+  splits = load_run_splits(config)
+  return splits.train, splits.evaluation, splits.notice
+
+
+class RunSplits(NamedTuple):
+  """The splits of a run (`load_run_splits`)."""
+
+  train: split_lib.DatasetSplit                    # The training instances (bank rows).
+  validation: split_lib.DatasetSplit | None        # Held out of the training split, or None.
+  evaluation: split_lib.DatasetSplit | None        # The test split kNN reports, or None.
+  notice: str | None                               # Why kNN evaluation is skipped, or None.
+  validation_record: dict | None                   # What <workdir>/validation.json holds.
+
+
+def load_run_splits(config: ml_collections.ConfigDict) -> RunSplits:
+  """The training instances, the validation set and the test split of a config.
+
+  With `config.validation_size` > 0, that many stratified images of the training split
+  (`validation.carve`, from `validation_seed` only) become the validation set, and the others,
+  in ascending record order, the training instances. An unlabelled training split is refused.
+  """
   train, evaluation, notice = load_train_and_eval(
       config.dataset, config.eval_dataset or None, train_split=config.train_split,
       eval_split=config.eval_split or None, data_dir=config.data_dir or None,
       image_size=config.image_size)
   check_sizes(train, evaluation, config.image_size)
-  return train, None if notice else evaluation, notice
+  validation = record = None
+  if config.validation_size:
+    carved = validation_lib.carve(train, config.validation_size, config.validation_seed)
+    train, validation, record = carved.train, carved.validation, carved.record
+  return RunSplits(train, validation, None if notice else evaluation, notice, record)
 
 
