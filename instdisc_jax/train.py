@@ -83,7 +83,6 @@ def augment_config(config: ml_collections.ConfigDict, split) -> augment.AugmentC
       saturation=jitter, hue=jitter, flip=config.augment.flip)
 
 
-@dataclasses.dataclass
 def knn_sweep_step(state: TrainState, batch, bank_rows, bank_labels, *, model, hp: StepConfig,
                    sweep_counts, ks: tuple, temperatures: tuple):
   """Top-1/top-5 hit counts of a global eval batch for every (k, tau), from one neighbour search.
@@ -101,6 +100,7 @@ def knn_sweep_step(state: TrainState, batch, bank_rows, bank_labels, *, model, h
   return counts, jnp.sum(valid, dtype=jnp.int32)
 
 
+@dataclasses.dataclass
 class _Pending:
   """Per-step metrics not yet fetched from the devices (fetching every step would stall them)."""
 
