@@ -290,9 +290,6 @@ def validate_against_data(config: ml_collections.ConfigDict, num_instances: int)
   if config.objective in ("nce", "infonce") and config.num_negatives >= num_instances:
     fail("num_negatives", config.num_negatives,
          f"must be less than the number of training images n={num_instances}")
-  if config.validation_size and max(config.knn_select_k) > num_instances:
-    fail("knn_select_k", config.knn_select_k,
-         f"must be at most the number of training images n={num_instances}")
   if config.knn_k > num_instances:
     fail("knn_k", config.knn_k,
          f"must be at most the number of training images n={num_instances}")

@@ -73,7 +73,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval_every_epochs = 1            # kNN on bank features every N epochs; 0 = only at end.
   config.eval_batch_size = 1000           # Global batch for feature extraction.
   config.recompute_features = True        # Final kNN also on features recomputed without aug.
-  config.knn_select_k = (10, 20, 50, 100, 200)  # Final kNN's k grid, chosen on validation.
+  config.knn_select_k = (10, 20, 50, 100, 200)  # Final kNN's k grid, chosen on validation
+                                                # (k above n counts as n).
   config.knn_select_temperatures = (0.02, 0.03, 0.05, 0.07, 0.1)  # Its tau grid (likewise).
 
   # Checkpoints and logs.

@@ -76,7 +76,7 @@ VALID = {
     "eval_every_epochs": st.integers(0, 3),
     "eval_batch_size": st.sampled_from([8, 32, 1000]),
     "recompute_features": st.booleans(),
-    "knn_select_k": st.lists(st.integers(1, N - 16), min_size=1, max_size=4,
+    "knn_select_k": st.lists(st.integers(1, 2 * N), min_size=1, max_size=4,
                              unique=True).map(tuple),
     "knn_select_temperatures": st.lists(floats(1e-3, 1), min_size=1, max_size=4,
                                         unique=True).map(tuple),
