@@ -401,8 +401,9 @@ def load_run_splits(config: ml_collections.ConfigDict) -> RunSplits:
       image_size=config.image_size)
   check_sizes(train, evaluation, config.image_size)
   validation = record = None
-  if config.validation_size:
-    carved = validation_lib.carve(train, config.validation_size, config.validation_seed)
+  size = config.get("validation_size", 0)    # Data-only configs (no such field) hold none out.
+  if size:
+    carved = validation_lib.carve(train, size, config.get("validation_seed", 0))
     train, validation, record = carved.train, carved.validation, carved.record
   return RunSplits(train, validation, None if notice else evaluation, notice, record)
 
