@@ -243,3 +243,21 @@ def test_resume_keeps_the_carve_out_and_refuses_another(npz, tmp_path):
     train.train_and_evaluate(config, workdir)
   assert {name: os.path.getmtime(os.path.join(workdir, name))
           for name in os.listdir(workdir)} == before
+
+
+@pytest.mark.slow
+def test_main_refuses_another_carve_out_in_one_line(npz, tmp_path):
+  """What a user sees: one line naming the field and the fix, exit 2, nothing written."""
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  splits = data.load_run_splits(tiny_run.config(npz, validation_size=20))
+  data.check_fingerprint(str(workdir), splits.train)        # as a run started with 20 leaves it
+  validation.write_record(str(workdir), splits.validation_record)
+  before = {p.name: p.read_bytes() for p in workdir.iterdir()}
+  result = tiny_run.run_main(workdir, f"--config.dataset=npz:{npz}",
+                             "--config.validation_size=10")
+  assert result.returncode == 2, result.stderr
+  lines = result.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("error: config.validation_size=10, ")
+  assert "--config.validation_size=20 --config.validation_seed=0" in lines[0]
+  assert {p.name: p.read_bytes() for p in workdir.iterdir()} == before
