@@ -218,5 +218,9 @@ def print_results(results: Optional[dict]) -> None:
                       ("knn_recomputed", "recomputed features")):
     if name in results:
       r = results[name]
+      choice = results.get("knn_choice", {}).get(name.removeprefix("knn_"))
+      if choice:          # (k, tau) chosen on the validation set; the line below is the test's.
+        print(f"validation weighted kNN ({title}): k={choice['k']}, tau={choice['temperature']:g} "
+              f"chosen, top-1 {choice['top1']:.2f}%  top-5 {choice['top5']:.2f}%", flush=True)
       print(f"final weighted kNN ({title}): top-1 {r['top1']:.2f}%  top-5 {r['top5']:.2f}%",
             flush=True)

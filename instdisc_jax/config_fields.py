@@ -157,6 +157,25 @@ class Dataset:
 
 
 @dataclasses.dataclass(frozen=True)
+class Grid:
+  """A non-empty tuple of distinct values, each valid under `item` (e.g. a grid of k or tau)."""
+
+  item: Any
+
+  def __call__(self, field: str, value) -> None:
+    if not isinstance(value, (tuple, list)) or not value:
+      fail(field, value, "must be a non-empty list of values, e.g. (10, 20)")
+    for v in value:
+      try:
+        self.item(field, v)
+      except ConfigError as e:
+        raise ConfigError(f"config.{field}={value!r}: the value {v!r} {str(e).split(': ', 1)[1]}"
+                          ) from e
+    if len(set(value)) != len(value):
+      fail(field, value, "must not repeat a value")
+
+
+@dataclasses.dataclass(frozen=True)
 class Epochs:
   """An increasing sequence of positive epochs."""
 

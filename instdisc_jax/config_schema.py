@@ -18,6 +18,7 @@ from instdisc_jax.config_fields import Boolean
 from instdisc_jax.config_fields import Choice
 from instdisc_jax.config_fields import Dataset
 from instdisc_jax.config_fields import Epochs
+from instdisc_jax.config_fields import Grid
 from instdisc_jax.config_fields import Integer
 from instdisc_jax.config_fields import Number
 from instdisc_jax.config_fields import Schema
@@ -42,6 +43,10 @@ SCHEMA = Schema(
     eval_split=field("", Text(), 'kNN split; "" = test (validation for imagenet2012).'),
     data_dir=field("", Text(), 'tfds data dir (GCS allowed); "" = $TFDS_DATA_DIR.'),
     image_size=field(32, Integer(8, 1024), "Side of the (square) network input.", identity=True),
+    validation_size=field(0, Integer(0), "Training images held out (stratified) to choose the "
+                          "kNN (k, tau) on; 0 = none, tune nothing (paper)."),
+    validation_seed=field(0, Integer(0, 2**63 - 1), "Picks them; apart from `seed`, so runs of "
+                          "several seeds share one validation set."),
 
     # Model.
     low_dim=field(128, Integer(1, 65536), "Embedding dimension d (bank row size).",
@@ -113,6 +118,10 @@ SCHEMA = Schema(
     eval_batch_size=field(1000, Integer(1), "Global batch for feature extraction."),
     recompute_features=field(True, Boolean(),
                              "Final kNN also on features recomputed without aug."),
+    knn_select_k=field((10, 20, 50, 100, 200), Grid(Integer(1)),
+                       "Final kNN's k grid, chosen on validation (k above n counts as n)."),
+    knn_select_temperatures=field((0.02, 0.03, 0.05, 0.07, 0.1), Grid(POSITIVE),
+                                  "Its tau grid (likewise)."),
 
     # Checkpoints and logs.
     checkpoint_every_steps=field(2000, Integer(0),

@@ -6,10 +6,14 @@ results under "knn/..." names. Appending keeps the history of a resumed run in o
 writer opened with `resume_step=s` first drops the records (and hides the TensorBoard events)
 after step s, which a preempted or killed run wrote past its last checkpoint and a resumed run
 writes again, so every step is recorded once.
+
+The loop's two helpers live here too: `PendingMetrics` (per-step metrics fetched from the
+devices in batches) and `Throughput` (images/s of training alone).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -18,6 +22,8 @@ from typing import Mapping, Optional
 
 import jax
 import numpy as np
+
+from instdisc_jax import parallel
 
 log = logging.getLogger(__name__)
 
@@ -89,3 +95,39 @@ def read_metrics(workdir: str) -> list[dict]:
       except json.JSONDecodeError:
         log.warning("skipping a malformed line in %s", path)
   return records
+
+
+@dataclasses.dataclass
+class PendingMetrics:
+  """Per-step metrics not yet fetched from the devices (fetching every step would stall them)."""
+
+  metrics: list = dataclasses.field(default_factory=list)
+  first_step: int = 0
+
+  def add(self, step: int, metrics) -> None:
+    if not self.metrics:
+      self.first_step = step
+    self.metrics.append(metrics)
+
+  def fetch(self) -> list[dict]:
+    fetched = [jax.tree.map(parallel.first_replica, m) for m in self.metrics]
+    self.metrics = []
+    return fetched
+
+
+class Throughput:
+  """Images per second of training, excluding evaluation and checkpoint time."""
+
+  def __init__(self, step: int):
+    self.started = False
+    self._step, self._time = step, time.perf_counter()
+
+  def restart(self, step: int) -> None:
+    self.started = True
+    self._step, self._time = step, time.perf_counter()
+
+  def rate(self, step: int, batch_size: int) -> float:
+    now = time.perf_counter()
+    rate = (step - self._step) * batch_size / max(now - self._time, 1e-9)
+    self._step, self._time = step, now
+    return rate

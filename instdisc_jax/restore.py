@@ -79,6 +79,9 @@ class RunSpec:
   train_split: data.DatasetSplit
   eval_split: Optional[data.DatasetSplit]
   data_notice: Optional[str]       # Why kNN is skipped (no labelled eval split), or None.
+  # Held out of the training split (config.validation_size > 0), and validation.json's record.
+  validation_split: Optional[data.DatasetSplit]
+  validation_record: Optional[dict]
   layout: ShardLayout              # The training instances over all devices (the bank's).
   steps_per_epoch: int
   total_steps: int
@@ -93,7 +96,8 @@ class RunSpec:
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict) -> "RunSpec":
     """Loads the splits, checks the config against them (UserError), builds the rest."""
-    train_split, eval_split, data_notice = data.load_splits_and_notice(config)
+    splits = data.load_run_splits(config)
+    train_split, eval_split, data_notice = splits.train, splits.evaluation, splits.notice
     n = train_split.num_examples
     config_validation.validate_against_data(config, n)
     layout = ShardLayout(n, jax.device_count())
@@ -109,6 +113,7 @@ class RunSpec:
         layout.shard_array(labels.astype(np.int32), fill=-1)[parallel.local_device_indices()])
     return cls(
         config=config, train_split=train_split, eval_split=eval_split, data_notice=data_notice,
+        validation_split=splits.validation, validation_record=splits.validation_record,
         layout=layout, steps_per_epoch=steps_per_epoch, total_steps=total_steps,
         num_classes=num_classes,
         image_shape=(config.image_size, config.image_size, train_split.channels),

@@ -250,6 +250,23 @@ def knn_eval_step(state: TrainState, batch, bank_rows, bank_labels, *, model, hp
   return counts
 
 
+def knn_sweep_step(state: TrainState, batch, bank_rows, bank_labels, *, model, hp: StepConfig,
+                   sweep_counts, ks: tuple, temperatures: tuple):
+  """Top-1/top-5 hit counts of a global eval batch for every (k, tau), from one neighbour search.
+
+  `sweep_counts` is `evaluation.knn_sweep.sweep_counts`, passed in: this module imports nothing
+  of the evaluation package. Returns ({setting_name: {"top1", "top5"}}, the number of real rows), identical
+  on every device.
+  """
+  queries = sharding.gather_batch(embed(state, batch["image"], model=model, hp=hp), AXIS)
+  targets = sharding.gather_batch(batch["label"], AXIS)
+  valid = sharding.gather_batch(batch["mask"], AXIS)
+  counts = sweep_counts(queries, targets, valid, bank_rows, bank_labels,
+                        num_instances=hp.layout.num_instances, num_classes=hp.num_classes,
+                        ks=ks, temperatures=temperatures, axis_name=AXIS)
+  return counts, jnp.sum(valid, dtype=jnp.int32)
+
+
 def write_features_step(state: TrainState, bank: MemoryBank, batch, *, model, hp: StepConfig):
   """Writes eval-transform features of a batch of training images into `bank` (its own rows).
 

@@ -1,16 +1,14 @@
 """The training loop: `Trainer` builds a run from its config, restores it and trains it.
 
-The step itself (`instdisc_jax.step`) is pure; this module feeds it batches, writes metrics and
+The step itself (`instdisc_jax.steps`) is pure; this module feeds it batches, writes metrics and
 checkpoints, runs the periodic and final kNN, and stops cleanly on a signal.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
-import time
 from typing import Optional
 
 from etils import epath
@@ -28,10 +26,15 @@ from instdisc_jax.checkpointing import check_compatible
 from instdisc_jax.config_io import RESULTS_NAME
 from instdisc_jax.config_io import incompatible_fields
 from instdisc_jax.config_io import save_config
+from instdisc_jax.data import validation as validation_lib
 from instdisc_jax.errors import NonFiniteLossError
 from instdisc_jax.evaluation import features as features_lib
+from instdisc_jax.evaluation import knn_sweep
+from instdisc_jax.evaluation import selection
 from instdisc_jax.memory_bank import MemoryBank
 from instdisc_jax.metric_writers import MetricWriter
+from instdisc_jax.metric_writers import PendingMetrics
+from instdisc_jax.metric_writers import Throughput
 from instdisc_jax.preemption import Preempted
 from instdisc_jax.preemption import StopSignal
 from instdisc_jax.restore import RunSpec
@@ -39,6 +42,7 @@ from instdisc_jax.restore import restore_newest
 from instdisc_jax.steps import INSTANCE_SHARDED_KEYS
 from instdisc_jax.steps import TrainState
 from instdisc_jax.steps import knn_eval_step
+from instdisc_jax.steps import knn_sweep_step
 from instdisc_jax.steps import pmapped
 from instdisc_jax.steps import train_step
 from instdisc_jax.steps import write_features_step
@@ -46,24 +50,6 @@ from instdisc_jax.workdir import WorkdirLock
 from instdisc_jax.workdir import create_workdir
 
 log = logging.getLogger(__name__)
-
-
-@dataclasses.dataclass
-class _Pending:
-  """Per-step metrics not yet fetched from the devices (fetching every step would stall them)."""
-
-  metrics: list = dataclasses.field(default_factory=list)
-  first_step: int = 0
-
-  def add(self, step: int, metrics) -> None:
-    if not self.metrics:
-      self.first_step = step
-    self.metrics.append(metrics)
-
-  def fetch(self) -> list[dict]:
-    fetched = [jax.tree.map(parallel.first_replica, m) for m in self.metrics]
-    self.metrics = []
-    return fetched
 
 
 class Trainer:
@@ -88,6 +74,8 @@ class Trainer:
     self.model, self.augment_config, self.hp = spec.model, spec.augment_config, spec.hp
     self.bank_labels, self.meta = spec.bank_labels, spec.meta
     self.learning_rate_fn, self.tx = spec.optimizer()
+    # Held out of the training split (config.validation_size > 0): what (k, tau) is chosen on.
+    self.validation_split, self.validation_record = spec.validation_split, spec.validation_record
 
     static = dict(model=self.model, hp=self.hp)
     self.p_init = spec.initializer(self.tx)
@@ -95,6 +83,7 @@ class Trainer:
                                 learning_rate_fn=self.learning_rate_fn, **static)
     self.p_knn = pmapped(knn_eval_step, **static)
     self.p_write_features = pmapped(write_features_step, donate_argnums=(1,), **static)
+    self._p_sweeps = {}
     self.checkpointer = None      # Made by `initialize`: building a Trainer writes nothing.
     self.state = None
     self.iterator = None
@@ -107,6 +96,7 @@ class Trainer:
     Reads only, so it can run before the workdir is locked or anything is written to it. The
     data are compared first: when only they changed, the fix is the data, not the config.
     """
+    validation_lib.check_record(self.workdir, self.validation_record)
     data.check_fingerprint(self.workdir, self.train_split, write=False)
     check_compatible(self.workdir, self.meta, incompatible_fields)
 
@@ -145,6 +135,8 @@ class Trainer:
     Records the data's fingerprint in the workdir; call it holding the workdir's lock.
     """
     data.check_fingerprint(self.workdir, self.train_split, write=jax.process_index() == 0)
+    if jax.process_index() == 0:
+      validation_lib.write_record(self.workdir, self.validation_record)
     if self.data_notice:
       log.warning("%s", self.data_notice)
     self.checkpointer = Checkpointer(self.workdir, keep=self.config.keep_checkpoints,
@@ -189,10 +181,16 @@ class Trainer:
                                         batch_size=self.config.eval_batch_size,
                                         image_size=self.config.image_size)
 
-  def evaluate_knn(self, bank_rows) -> dict:
-    """Weighted kNN top-1/top-5 (%) of the eval split against `bank_rows`."""
+  @property
+  def knn_split(self):
+    """The split the periodic kNN scores: the validation set if there is one, else the test."""
+    return self.validation_split if self.validation_split is not None else self.eval_split
+
+  def evaluate_knn(self, bank_rows, split=None) -> dict:
+    """Weighted kNN top-1/top-5 (%) of `split` (default: the eval split) against `bank_rows`,
+    with the config's k and tau."""
     totals = {"top1": 0, "top5": 0, "total": 0}
-    for batch in self._eval_batches(self.eval_split):
+    for batch in self._eval_batches(self.eval_split if split is None else split):
       batch = {k: batch[k] for k in ("image", "label", "mask")}
       counts = self.p_knn(self.state, parallel.shard_local_batch(batch), bank_rows,
                           self.bank_labels)
@@ -200,6 +198,29 @@ class Trainer:
         totals[k] += int(parallel.first_replica(v))
     total = max(totals.pop("total"), 1)
     return {k: 100.0 * v / total for k, v in totals.items()}
+
+  def knn_sweep(self, bank_rows, split, ks: tuple, temperatures: tuple) -> dict:
+    """Top-1/top-5 (%) of `split` against `bank_rows` for every (k, tau) of the grids, from one
+    neighbour search per batch: {selection.Setting: {"top1", "top5"}, "hits": top-1 counts}."""
+    key = (ks, temperatures)
+    if key not in self._p_sweeps:
+      self._p_sweeps[key] = pmapped(knn_sweep_step, model=self.model, hp=self.hp,
+                                    sweep_counts=knn_sweep.sweep_counts, ks=ks,
+                                    temperatures=temperatures)
+    names = {knn_sweep.setting_name(k, t): selection.Setting(k, t)
+             for k in ks for t in temperatures}
+    hits = {setting: {"top1": 0, "top5": 0} for setting in names.values()}
+    total = 0
+    for batch in self._eval_batches(split):
+      batch = {k: batch[k] for k in ("image", "label", "mask")}
+      counts, real = self._p_sweeps[key](self.state, parallel.shard_local_batch(batch), bank_rows,
+                                         self.bank_labels)
+      total += int(parallel.first_replica(real))
+      for name, by_top in counts.items():
+        for top, value in by_top.items():
+          hits[names[name]][top] += int(parallel.first_replica(value))
+    return {setting: {top: 100.0 * count / max(total, 1) for top, count in by_top.items()}
+            | {"hits": by_top["top1"]} for setting, by_top in hits.items()}
 
   # -- checkpoints --------------------------------------------------------------------------------
 
@@ -217,10 +238,10 @@ class Trainer:
     stop = stop or StopSignal()
     writer = MetricWriter(self.workdir, resume_step=self.step)
     step = self.step
-    pending = _Pending()
+    pending = PendingMetrics()
     bar = tqdm.tqdm(total=self.total_steps, initial=step, unit="step", dynamic_ncols=True,
                     disable=not (config.progress_bar and jax.process_index() == 0))
-    clock = _Throughput(step)
+    clock = Throughput(step)
     try:
       while step < self.total_steps:
         batch = next(self.iterator)
@@ -248,10 +269,14 @@ class Trainer:
         epoch = step // self.steps_per_epoch
         if (epoch_done and self.eval_split is not None and config.eval_every_epochs
             and epoch % config.eval_every_epochs == 0 and step < self.total_steps):
-          result = self.evaluate_knn(self.state.bank.values())
-          writer.write(step, {f"knn_bank/{k}": v for k, v in result.items()} | {"epoch": epoch})
+          # With a validation set, the test split is not looked at before the end.
+          on_validation = self.validation_split is not None
+          result = self.evaluate_knn(self.state.bank.values(), self.knn_split)
+          prefix = "validation/knn_bank" if on_validation else "knn_bank"
+          writer.write(step, {f"{prefix}/{k}": v for k, v in result.items()} | {"epoch": epoch})
           if jax.process_index() == 0:
-            bar.write(f"epoch {epoch}: kNN on bank features top-1 {result['top1']:.2f}% "
+            bar.write(f"epoch {epoch}: kNN on bank features"
+                      f"{' (validation)' if on_validation else ''} top-1 {result['top1']:.2f}% "
                       f"top-5 {result['top5']:.2f}%")
           clock.restart(step)
         if save_now or signal_name:
@@ -285,10 +310,20 @@ class Trainer:
     return summary
 
   def final_evaluation(self, writer: MetricWriter) -> dict:
-    """kNN on the bank and (if configured) on recomputed features; written to results.json."""
+    """kNN on the bank and (if configured) on recomputed features; written to results.json.
+
+    With a validation set, (k, tau) is chosen on it first (`select_and_test`).
+    """
     results = {"step": self.step}
     if self.eval_split is None:
       log.info("no labelled eval split: kNN evaluation skipped")
+    elif self.validation_split is not None:
+      results |= self.select_and_test()
+      writer.write(self.step, {
+          f"{prefix}knn_{kind}/{k}": v
+          for kind, choice in results["knn_choice"].items()
+          for prefix, scores in (("", results["test"][kind]), ("validation/", choice))
+          for k, v in scores.items() if k in ("top1", "top5")})
     else:
       results["knn_bank"] = self.evaluate_knn(self.state.bank.values())
       if self.config.recompute_features:
@@ -300,27 +335,21 @@ class Trainer:
         json.dump(results, f, indent=2)
     return results
 
+  def select_and_test(self) -> dict:
+    """(k, tau) per feature kind chosen on the validation set, then the test split scored once
+    (`selection.select_and_test`)."""
+    config, n = self.config, self.layout.num_instances
+    kinds = {"bank": self.state.bank.values()}
+    if config.recompute_features:
+      kinds["recomputed"] = self.features_bank().values()
+    return selection.select_and_test(
+        kinds, self.knn_sweep, self.validation_split, self.eval_split,
+        *selection.grid(config.knn_select_k, config.knn_select_temperatures, n),
+        preferred=selection.Setting(min(config.knn_k, n), float(config.knn_temperature)))
+
   def close(self) -> None:
     if self.checkpointer is not None:
       self.checkpointer.close()
-
-
-class _Throughput:
-  """Images per second of training, excluding evaluation and checkpoint time."""
-
-  def __init__(self, step: int):
-    self.started = False
-    self._step, self._time = step, time.perf_counter()
-
-  def restart(self, step: int) -> None:
-    self.started = True
-    self._step, self._time = step, time.perf_counter()
-
-  def rate(self, step: int, batch_size: int) -> float:
-    now = time.perf_counter()
-    rate = (step - self._step) * batch_size / max(now - self._time, 1e-9)
-    self._step, self._time = step, now
-    return rate
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,

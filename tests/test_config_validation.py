@@ -45,6 +45,8 @@ floats = lambda low, high: st.floats(low, high, allow_nan=False)   # noqa: E731
 VALID = {
     "seed": st.integers(0, 2**63 - 1),
     "image_size": st.sampled_from([8, 16]),
+    "validation_size": st.integers(0, 16),
+    "validation_seed": st.integers(0, 2**63 - 1),
     "model": st.sampled_from(["small_resnet", "cifar_resnet18"]),
     "model_width": st.sampled_from([0, 2, 4]),
     "low_dim": st.sampled_from([1, 8, 16]),
@@ -81,6 +83,10 @@ VALID = {
     "eval_every_epochs": st.integers(0, 3),
     "eval_batch_size": st.sampled_from([8, 32, 1000]),
     "recompute_features": st.booleans(),
+    "knn_select_k": st.lists(st.integers(1, 2 * N), min_size=1, max_size=4,
+                             unique=True).map(tuple),
+    "knn_select_temperatures": st.lists(floats(1e-3, 1), min_size=1, max_size=4,
+                                        unique=True).map(tuple),
     "checkpoint_every_steps": st.integers(0, 100),
     "keep_checkpoints": st.integers(1, 5),
     "log_every_steps": st.integers(1, 100),
@@ -137,6 +143,10 @@ def invalid_values(field: str) -> st.SearchStrategy:
     options.append(st.one_of(
         st.none(), st.just(120), st.just("120,160"), st.just((160, 120)),
         st.lists(st.floats(max_value=0, allow_nan=False), min_size=1, max_size=3)))
+  elif isinstance(rule, cf.Grid):
+    good = (1, 2) if isinstance(rule.item, cf.Integer) else (0.05, 0.1)
+    options.append(st.one_of(st.none(), st.just(()), st.just(good[0]),
+                             st.just(good + good[:1]), st.just(good + (0,))))
   else:
     raise AssertionError(f"no invalid values for rule {rule!r} of {field}")
   options.extend(RELATION_BREAKERS.get(field, []))

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
+from instdisc_jax import data
 from instdisc_jax.data import fashion_mnist
 from instdisc_jax.data import prepare
 from instdisc_jax.data import sources
@@ -138,7 +139,7 @@ def test_load_splits_reads_the_config(prepared):
   config = ml_collections.ConfigDict(dict(
       dataset="fashion_mnist", train_split="train[:10]", eval_dataset="", eval_split="",
       data_dir=data_dir, image_size=28))
-  train, test = sources.load_splits(config)
+  train, test = data.load_splits(config)
   assert (train.num_examples, test.num_examples) == (10, NUM_TEST)
 
 

@@ -18,7 +18,6 @@ import hashlib
 import io
 import logging
 
-import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
 
@@ -347,33 +346,3 @@ def check_sizes(train: split_lib.DatasetSplit, evaluation: split_lib.DatasetSpli
 
 def first_names(names: Sequence[str], shown: int = 4) -> str:
   return ", ".join(names[:shown]) + (", ..." if len(names) > shown else "")
-
-
-def load_splits(
-    config: ml_collections.ConfigDict,
-) -> tuple[split_lib.DatasetSplit, split_lib.DatasetSplit | None]:
-  """`load_train_and_eval` from a config; the eval split is None when kNN cannot run.
-
-  Reads `dataset`, `train_split`, `eval_dataset` and `eval_split` ("" for the default),
-  `data_dir` ("" for `$TFDS_DATA_DIR`) and `image_size`; logs the one-line notice when kNN
-  evaluation is skipped.
-  """
-  train, evaluation, notice = load_splits_and_notice(config)
-  if notice:
-    log.warning("%s", notice)
-  return train, evaluation
-
-
-def load_splits_and_notice(
-    config: ml_collections.ConfigDict,
-) -> tuple[split_lib.DatasetSplit, split_lib.DatasetSplit | None, str | None]:
-  """`load_splits` without logging: (train, eval or None, the notice or None), for callers
-  that have more to check before they say anything (an error must be the only line)."""
-  train, evaluation, notice = load_train_and_eval(
-      config.dataset, config.eval_dataset or None, train_split=config.train_split,
-      eval_split=config.eval_split or None, data_dir=config.data_dir or None,
-      image_size=config.image_size)
-  check_sizes(train, evaluation, config.image_size)
-  return train, None if notice else evaluation, notice
-
-
