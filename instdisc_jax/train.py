@@ -111,6 +111,10 @@ class Trainer:
     self.train_split, self.eval_split, self.data_notice = data.load_splits_and_notice(config)
     n = self.train_split.num_examples
     config_validation.validate_against_data(config, n)
+    if config.objective == "supervised" and (self.train_split.labels is None
+                                             or not np.any(self.train_split.labels >= 0)):
+      raise UserError(f"config.objective=supervised, but {self.train_split.name} has no labels: "
+                      "train it on a labelled split, or choose an unsupervised objective")
     self.layout = ShardLayout(n, jax.device_count())
     self.steps_per_epoch = n // config.batch_size
     self.total_steps = (config.num_train_steps if config.num_train_steps > 0
@@ -285,9 +289,9 @@ class Trainer:
     try:
       while step < self.total_steps:
         batch = next(self.iterator)
+        fed = ("image", "index", "label") if self.hp.uses_labels else ("image", "index")
         self.state, metrics = self.p_train_step(
-            self.state, parallel.shard_local_batch({"image": batch["image"],
-                                                    "index": batch["index"]}))
+            self.state, parallel.shard_local_batch({k: batch[k] for k in fed}))
         step += 1
         pending.add(step, metrics)
         bar.update(1)
