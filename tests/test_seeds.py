@@ -116,11 +116,14 @@ def test_evaluator_flags_name_only_the_changed_fields_and_the_seed():
   config = eval_config()
   config.probe_epochs = 3
   config.semi_supervised_fractions = (0.5,)
-  assert seeds.evaluator_flags(config, 7) == [
+  config.probe_features = ("embedding",)
+  got = seeds.evaluator_flags(config, 7)
+  assert got[-1] == "--config.eval.seed=7"
+  assert sorted(got[:-1]) == sorted([
       "--config.eval.knn=False", "--config.eval.probe_epochs=3",
       "--config.eval.semi_supervised_fractions=(0.5,)", "--config.eval.export=False",
       "--config.eval.retrieval_grid=False", "--config.eval.curves=False",
-      "--config.eval.seed=7"]
+      "--config.eval.probe_features=('embedding',)"])
 
 
 def test_config_overrides_are_passed_on_as_typed():
@@ -147,6 +150,7 @@ def _seeds_command(workdir, *flags):
           f"--workdir={workdir}", *flags]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flag,words", [
     ("--seeds=0", "--seeds=0"),
     ("--baselines=raw_pixels,pixels", "unknown baseline pixels"),
