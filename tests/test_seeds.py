@@ -200,3 +200,44 @@ def test_two_tiny_seeds_end_to_end(tmp_path):
                          timeout=300)
   assert rerun.returncode == 0, rerun.stderr[-3000:]
   assert {name: os.path.getmtime(workdir / "records" / name) for name in records} == mtimes
+
+
+# ------------------------------------------------------------------------------------------------
+# Table 1 with --seeds.
+# ------------------------------------------------------------------------------------------------
+
+
+def test_table1_rows_over_seeds_show_mean_and_std(tmp_path, monkeypatch):
+  """Each row trains once per seed in <row>/seed_<s> with only the seed changed; the cells are
+  mean ± std over the seeds. Training is a stand-in writing results.json, as in test_table1."""
+  from instdisc_jax import default_config
+  from instdisc_jax import train
+  from instdisc_jax.experiments import table1
+
+  calls = []
+
+  def fake(config, workdir, stop=None):
+    del stop
+    calls.append((os.path.relpath(workdir, tmp_path / "t1"), config.seed, config.objective))
+    os.makedirs(workdir, exist_ok=True)
+    top1 = 10.0 + 2.0 * config.seed
+    results = {"step": 2, "knn_bank": {"top1": top1, "top5": 50.0},
+               "knn_recomputed": {"top1": top1 + 1.0, "top5": 60.0}}
+    with open(os.path.join(workdir, "results.json"), "w") as f:
+      json.dump(results, f)
+    return results
+
+  monkeypatch.setattr(train, "train_and_evaluate", fake)
+  npz = tiny_run.write_npz(tmp_path / "d.npz", n=64)
+  config = table1.base_config(default_config.load_config_file(tiny_run.TINY_CONFIG),
+                              f"npz:{npz}", epochs=1)
+  config.num_train_steps = 2
+  rows = table1.select_rows(["softmax", "nce_10"])
+  text = table1.run_table(config, str(tmp_path / "t1"), rows, command="c", seeds=3)
+  assert calls == [(os.path.join(name, f"seed_{seed}"), seed, objective)
+                   for name, objective in (("softmax", "softmax"), ("nce_10", "nce"))
+                   for seed in (0, 1, 2)]
+  assert "| non-parametric softmax | - | 12.00 ± 2.00 | 13.00 ± 2.00 |" in text
+  assert (tmp_path / "t1" / "table1.png").exists()
+  table1.run_table(config, str(tmp_path / "t1"), rows, command="c", seeds=3)
+  assert len(calls) == 6                                      # finished seeds are kept
