@@ -312,10 +312,12 @@ class Parts:
       results = json.load(f)
     return self.write_record(row.name, seed, "train", {"results": results, "wall_s": wall})
 
-  def evaluate(self, row: Row, seed: int, eval_config: ml_collections.ConfigDict) -> dict:
-    """Evaluates the row's run of `seed` unless done; returns its record (results, wall_s)."""
+  def evaluate(self, row: Row, seed: int, eval_config: ml_collections.ConfigDict,
+               step: int) -> dict:
+    """Evaluates the row's run of `seed` unless its checkpoint of `step` (the run's last) was
+    evaluated already; returns the record (results, wall_s)."""
     done = self.record(row.name, seed, "evaluate")
-    if done is not None:
+    if done is not None and done["results"].get("step") == step:
       return done
     if not (eval_config.linear_probe or eval_config.semi_supervised_fractions):
       return {"results": {}, "wall_s": 0.0}            # nothing the table reads: no evaluator
@@ -441,7 +443,7 @@ def run_seeds(config: ml_collections.ConfigDict, eval_config: ml_collections.Con
     for row in rows:
       if row.trained:
         trained = parts.train(row, seed)
-        evaluated = parts.evaluate(row, seed, eval_config)
+        evaluated = parts.evaluate(row, seed, eval_config, trained["results"]["step"])
         if row.name == "instdisc":
           k, tau = knn_setting(trained["results"], config)
         per_seed[row.name][seed] = trained_values(trained["results"], evaluated["results"])
