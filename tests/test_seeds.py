@@ -245,3 +245,24 @@ def test_table1_rows_over_seeds_show_mean_and_std(tmp_path, monkeypatch):
   assert (tmp_path / "t1" / "table1.png").exists()
   table1.run_table(config, str(tmp_path / "t1"), rows, command="c", seeds=3)
   assert len(calls) == 6                                      # finished seeds are kept
+
+
+def test_a_run_trained_further_is_evaluated_again(tmp_path, monkeypatch):
+  parts = seeds.Parts(str(tmp_path), "configs/tiny.py", [], 0)
+  row = seeds.rows_for("nce", [])[0]
+  parts.write_record(row.name, 0, "evaluate", {"results": EVAL_RESULTS, "wall_s": 3.0})
+  children = []
+
+  def child(self, module, args, *rest):
+    children.append(module)
+    workdir = self.run_workdir(row.name, 0)
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "eval_results.json"), "w") as f:
+      json.dump(dict(EVAL_RESULTS, step=9), f)
+    return 4.0
+
+  monkeypatch.setattr(seeds.Parts, "_child", child)
+  assert parts.evaluate(row, 0, eval_config(), step=6)["wall_s"] == 3.0     # step 6: evaluated
+  assert children == []
+  assert parts.evaluate(row, 0, eval_config(), step=9)["results"]["step"] == 9
+  assert children == ["instdisc_jax.evaluate"]
