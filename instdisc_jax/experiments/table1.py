@@ -215,8 +215,9 @@ def write_outputs(workdir: str, rows: Sequence[Row], records: dict, **context) -
       [_top1(records[row.name], "knn_bank") for row in shown],
       [_top1(records[row.name], "knn_recomputed") for row in shown],
       f"kNN top-1 on {config.dataset}, {_length(config, context['steps'])} per row",
-      bank_std=[_std(records[row.name], "knn_bank") for row in shown],
-      recomputed_std=[_std(records[row.name], "knn_recomputed") for row in shown])
+      **({} if all(len(_records(records[row.name])) == 1 for row in shown) else dict(
+          bank_std=[_std(records[row.name], "knn_bank") for row in shown],
+          recomputed_std=[_std(records[row.name], "knn_recomputed") for row in shown])))
   return text
 
 
