@@ -210,14 +210,17 @@ def write_outputs(workdir: str, rows: Sequence[Row], records: dict, **context) -
     f.write(text)
   shown = [row for row in rows if row.name in records]
   config = context["config"]
+  # Error bars (std over seeds) only when some row has several seeds.
+  stds = {}
+  if any(len(_records(records[row.name])) > 1 for row in shown):
+    stds = {"bank_std": [_std(records[row.name], "knn_bank") for row in shown],
+            "recomputed_std": [_std(records[row.name], "knn_recomputed") for row in shown]}
   plots.table1_bars(
       os.path.join(workdir, "table1.png"), [row.title for row in shown],
       [_top1(records[row.name], "knn_bank") for row in shown],
       [_top1(records[row.name], "knn_recomputed") for row in shown],
       f"kNN top-1 on {config.dataset}, {_length(config, context['steps'])} per row",
-      **({} if all(len(_records(records[row.name])) == 1 for row in shown) else dict(
-          bank_std=[_std(records[row.name], "knn_bank") for row in shown],
-          recomputed_std=[_std(records[row.name], "knn_recomputed") for row in shown])))
+      **stds)
   return text
 
 
