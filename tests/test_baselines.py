@@ -139,6 +139,7 @@ def test_pixel_logistic_regression_learns_a_separable_problem():
   assert got["knn"]["top1"] == 100.0
 
 
+@pytest.mark.slow
 def test_random_init_evaluator_runs_without_a_trainer():
   """The encoder's initial state, embedded by `steps.embed` under pmap: no Trainer, no data."""
   import ml_collections
