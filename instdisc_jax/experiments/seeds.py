@@ -462,6 +462,7 @@ def run_seeds(config: ml_collections.ConfigDict, eval_config: ml_collections.Con
             "results": result, "k": k, "tau": tau, "wall_s": time.perf_counter() - start})
       per_seed[row.name][seed] = baseline_values(row.name, record["results"])
       walls[row.name][seed] = {"baseline": record["wall_s"]}
+      extra[row.name][seed] = {"knn_k": record["k"], "knn_tau": record["tau"]}
   table = aggregate(per_seed, [key for key, _ in columns])
   wall_by_row = {row: sum(sum(w.values()) for w in seeds_wall.values())
                  for row, seeds_wall in walls.items()}
