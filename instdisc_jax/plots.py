@@ -301,14 +301,15 @@ def seeds_bars(path: str, rows: Sequence[str], columns: Sequence[str], means: np
     shown = ~np.isnan(means[i])
     axes.bar((x + offset)[shown], values[shown], width, yerr=errors[shown], capsize=3,
              color=SEEDS_COLOURS[i % len(SEEDS_COLOURS)], label=name)
-    for position, value in zip((x + offset)[shown], values[shown]):
-      axes.text(position, value + 1.0, f"{value:.1f}", ha="center", va="bottom", fontsize=6)
+    for position, value, error in zip((x + offset)[shown], values[shown], errors[shown]):
+      axes.text(position, value + error + 1.0, f"{value:.1f}", ha="center", va="bottom", fontsize=6,
+                rotation=90)
   axes.set_xticks(x)
   axes.set_xticklabels([textwrap.fill(name, 14) for name in columns], fontsize=8)
   axes.set_ylabel("top-1 (%), mean and std over seeds")
-  axes.set_ylim(0, 115)
+  axes.set_ylim(0, 135)                       # room for the legend above the bars
   axes.set_yticks(range(0, 101, 20))
-  axes.legend(fontsize=8, loc="upper left", ncol=len(rows), frameon=False)
+  axes.legend(fontsize=8, loc="upper left", ncol=2, frameon=False)
   axes.set_title(title, fontsize=10)
   axes.grid(axis="y", alpha=0.3)
   figure.tight_layout()
