@@ -266,3 +266,16 @@ def test_a_run_trained_further_is_evaluated_again(tmp_path, monkeypatch):
   assert children == []
   assert parts.evaluate(row, 0, eval_config(), step=9)["results"]["step"] == 9
   assert children == ["instdisc_jax.evaluate"]
+
+
+def test_chart_draws_the_cells_that_have_values(tmp_path):
+  from PIL import Image
+
+  from instdisc_jax import plots
+  means = np.array([[80.0, 81.0, np.nan], [np.nan, 79.0, 84.0]])
+  stds = np.array([[1.0, 0.5, np.nan], [np.nan, 0.0, 2.0]])
+  path = tmp_path / "seeds.png"
+  plots.seeds_bars(str(path), ["nce", "raw pixels"], ["kNN bank", "kNN recomputed", "probe"],
+                   means, stds, "t")
+  with Image.open(path) as image:
+    assert image.size[0] >= 720
