@@ -44,7 +44,8 @@ from instdisc_jax.sharding import AxisName
 
 # The reference criterion's epsilon (lemniscate.pytorch NCECriterion).
 NCE_EPS = 1e-7
-OBJECTIVES = ("nce", "softmax", "parametric_softmax", "infonce")
+# "supervised" is not instance discrimination: the upper-bound row (`supervised_loss`).
+OBJECTIVES = ("nce", "softmax", "parametric_softmax", "infonce", "supervised")
 
 sg = jax.lax.stop_gradient
 
@@ -333,3 +334,62 @@ def _owned_mean(x: jax.Array, owned: jax.Array, axis_name: AxisName) -> jax.Arra
 def global_loss(share: jax.Array, axis_name: AxisName) -> jax.Array:
   """The loss value from the shares (no gradient)."""
   return sharding.psum(sg(share), axis_name)
+
+
+# ------------------------------------------------------------------------------------------------
+# The supervised upper bound.
+# ------------------------------------------------------------------------------------------------
+
+
+def supervised_loss(features: jax.Array, labels: jax.Array, classifier: jax.Array, *,
+                    temperature: float, axis_name: AxisName = None):
+  """Cross-entropy of a linear classifier on the embedding: the same encoder trained with labels.
+
+    P(c | v_i) = exp(v_i^T w_c / tau) / sum_{c'} exp(v_i^T w_c' / tau)
+    loss = -(1 / |L|) sum_{i in L} log P(y_i | v_i),   L = the labelled examples of the batch,
+
+  with v_i the L2-normalised embedding (the features every other objective and the kNN see) and
+  W = [w_1 .. w_C] a learnable (d, C) matrix. This is Eq. (1) with the n instance weights
+  replaced by C class weights: the paper's parametric softmax with labels for classes, which is
+  the supervised baseline its Table 1 compares to, on the same network, head and budget. The
+  classifier reads the normalised embedding rather than the pooled backbone features so that
+  the kNN, the probe and fine-tuning of the supervised run read the features it was trained on.
+  As for Eq. (1), the temperature only rescales W's effective learning rate; keeping it makes
+  the logits' scale at initialisation the same as the instance objectives'. Labels < 0 (unknown)
+  are left out of L.
+
+  W is replicated and the batch is global, so every device could compute the whole loss; instead
+  device k scores only its own examples, rows [k B / D, (k + 1) B / D) of the global batch (the
+  ones it contributed to `gather_batch`). The shares sum to the loss, no example is scored
+  twice, and W's gradient on each device is that of its share: psum it like the encoder's.
+
+  Args:
+    features: (B, d) L2-normalised features of the global batch.
+    labels: int (B,) their labels (-1 unknown).
+    classifier: (d, C) class weights W, replicated.
+    temperature: tau.
+    axis_name: mapped axis the batch was gathered over, or None.
+
+  Returns:
+    `(share, aux)`: aux holds `metrics` (`train_top1`, the batch's accuracy in %, and
+    `positive_prob`, the mean P(y_i | v_i)), reduced over devices.
+  """
+  features = features.astype(jnp.float32)
+  batch = features.shape[0]
+  per_device = batch // sharding.num_shards(axis_name)
+  start = sharding.shard_index(axis_name) * per_device
+  own_features = jax.lax.dynamic_slice_in_dim(features, start, per_device)
+  own_labels = jax.lax.dynamic_slice_in_dim(labels, start, per_device)
+  labelled = own_labels >= 0
+  targets = jnp.where(labelled, own_labels, 0)
+  logits = own_features @ classifier.astype(jnp.float32) / temperature
+  log_probs = jax.nn.log_softmax(logits, axis=-1)
+  target_log_prob = jnp.take_along_axis(log_probs, targets[:, None], axis=-1)[:, 0]
+  count = jnp.maximum(jnp.sum(labels >= 0), 1).astype(jnp.float32)     # |L|, global
+  share = -jnp.sum(jnp.where(labelled, target_log_prob, 0.0)) / count
+  correct = labelled & (jnp.argmax(logits, axis=-1) == targets)
+  metrics = {
+      "train_top1": 100.0 * sharding.psum(jnp.sum(correct), axis_name) / count,
+      "positive_prob": _masked_mean(jnp.exp(target_log_prob), labelled, axis_name),
+  }
+  return share, {"metrics": metrics}

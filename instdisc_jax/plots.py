@@ -251,16 +251,20 @@ def training_curves(path: str, records: Sequence[dict], title: str = "") -> Curv
 
 
 def table1_bars(path: str, names: Sequence[str], bank_top1: Sequence[float],
-                recomputed_top1: Sequence[float], title: str) -> None:
-  """Grouped bars of kNN top-1 per objective, on bank and on recomputed features (NaN: none)."""
+                recomputed_top1: Sequence[float], title: str,
+                bank_std: Optional[Sequence[float]] = None,
+                recomputed_std: Optional[Sequence[float]] = None) -> None:
+  """Grouped bars of kNN top-1 per objective, on bank and on recomputed features (NaN: none),
+  with error bars of one standard deviation over seeds where the stds are given."""
   figure = _new_figure(max(640, 110 * len(names)), 420)
   axes = figure.add_subplot(1, 1, 1)
   x = np.arange(len(names))
   width = 0.38
-  for offset, values, colour, label in ((-width / 2, bank_top1, "#e66101", "bank features"),
-                                        (width / 2, recomputed_top1, "#5e3c99",
-                                         "recomputed features")):
-    bars = axes.bar(x + offset, values, width, color=colour, label=label)
+  for offset, values, errors, colour, label in (
+      (-width / 2, bank_top1, bank_std, "#e66101", "bank features"),
+      (width / 2, recomputed_top1, recomputed_std, "#5e3c99", "recomputed features")):
+    bars = axes.bar(x + offset, values, width, color=colour, label=label,
+                    yerr=None if errors is None else np.nan_to_num(errors), capsize=3)
     for bar, value in zip(bars, values):
       if not math.isnan(value):
         axes.text(bar.get_x() + bar.get_width() / 2, value + 0.5, f"{value:.1f}",
@@ -269,6 +273,41 @@ def table1_bars(path: str, names: Sequence[str], bank_top1: Sequence[float],
   axes.set_xticklabels([textwrap.fill(name, 14) for name in names], fontsize=8)
   axes.set_ylabel("kNN top-1 (%)")
   axes.set_ylim(0, 112)
+  axes.set_yticks(range(0, 101, 20))
+  axes.legend(fontsize=8, loc="upper left", ncol=2, frameon=False)
+  axes.set_title(title, fontsize=10)
+  axes.grid(axis="y", alpha=0.3)
+  figure.tight_layout()
+  _save(figure, path)
+
+
+SEEDS_COLOURS = ("#5e3c99", "#e66101", "#1a9641", "#8c8c8c", "#2b5fb4", "#d7191c")
+
+
+def seeds_bars(path: str, rows: Sequence[str], columns: Sequence[str], means: np.ndarray,
+               stds: np.ndarray, title: str) -> None:
+  """Grouped bars: one group per column (an evaluation), one bar per row (a method), each the
+  mean over seeds with an error bar of one standard deviation. means, stds: (rows, columns),
+  NaN where a row has no value in a column (no bar)."""
+  means, stds = np.asarray(means, float), np.asarray(stds, float)
+  figure = _new_figure(max(720, 130 * len(columns)), 440)
+  axes = figure.add_subplot(1, 1, 1)
+  x = np.arange(len(columns))
+  width = 0.8 / max(len(rows), 1)
+  for i, name in enumerate(rows):
+    offset = (i - (len(rows) - 1) / 2) * width
+    values = np.nan_to_num(means[i], nan=0.0)
+    errors = np.where(np.isnan(means[i]), 0.0, np.nan_to_num(stds[i]))
+    shown = ~np.isnan(means[i])
+    axes.bar((x + offset)[shown], values[shown], width, yerr=errors[shown], capsize=3,
+             color=SEEDS_COLOURS[i % len(SEEDS_COLOURS)], label=name)
+    for position, value, error in zip((x + offset)[shown], values[shown], errors[shown]):
+      axes.text(position, value + error + 1.0, f"{value:.1f}", ha="center", va="bottom", fontsize=6,
+                rotation=90)
+  axes.set_xticks(x)
+  axes.set_xticklabels([textwrap.fill(name, 14) for name in columns], fontsize=8)
+  axes.set_ylabel("top-1 (%), mean and std over seeds")
+  axes.set_ylim(0, 135)                       # room for the legend above the bars
   axes.set_yticks(range(0, 101, 20))
   axes.legend(fontsize=8, loc="upper left", ncol=2, frameon=False)
   axes.set_title(title, fontsize=10)

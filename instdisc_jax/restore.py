@@ -100,6 +100,10 @@ class RunSpec:
     train_split, eval_split, data_notice = splits.train, splits.evaluation, splits.notice
     n = train_split.num_examples
     config_validation.validate_against_data(config, n)
+    if config.objective == "supervised" and (train_split.labels is None
+                                             or not np.any(train_split.labels >= 0)):
+      raise UserError(f"config.objective=supervised, but {train_split.name} has no labels: "
+                      "train it on a labelled split, or choose an unsupervised objective")
     layout = ShardLayout(n, jax.device_count())
     steps_per_epoch = n // config.batch_size
     total_steps = (config.num_train_steps if config.num_train_steps > 0

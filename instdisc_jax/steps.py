@@ -47,7 +47,8 @@ class TrainState:
   Attributes:
     step: number of steps taken.
     params: {"encoder": Flax params} plus {"instance_weights": (rows_per_shard, d)} for the
-      parametric softmax.
+      parametric softmax, or {"classifier": (d, num_classes)} (replicated) for the supervised
+      objective.
     batch_stats: BatchNorm running statistics (kept identical on all devices).
     opt_state: optax state of `params`.
     bank: the memory bank shard (pre-step values during a step).
@@ -99,6 +100,11 @@ class StepConfig:
   def uses_noise(self) -> bool:
     return self.objective in ("nce", "infonce")
 
+  @property
+  def uses_labels(self) -> bool:
+    """Whether the step reads the batch's labels (the supervised upper bound)."""
+    return self.objective == "supervised"
+
 
 # ------------------------------------------------------------------------------------------------
 # Initialisation.
@@ -124,6 +130,9 @@ def init_state(key: jax.Array, *, model, tx: optax.GradientTransformation, hp: S
   if hp.objective == "parametric_softmax":
     params["instance_weights"] = memory_bank.init_shard_rows(
         jax.random.fold_in(bank_key, 1), layout, low_dim, shard, init="uniform")
+  if hp.objective == "supervised":
+    # Zeros: the loss is convex in W, and the first step's gradient moves W, then the encoder.
+    params["classifier"] = jnp.zeros((low_dim, hp.num_classes), jnp.float32)
   return TrainState(
       step=jnp.zeros((), jnp.int32), params=params,
       batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params),
@@ -146,10 +155,11 @@ def step_keys(state: TrainState):
 
 def compute_objective(hp: StepConfig, params, features, indices, bank: MemoryBank,
                       noise: Optional[noise_lib.NoiseSample], partition: objectives.Partition,
-                      rows: memory_bank.StepRows):
+                      rows: memory_bank.StepRows, labels: Optional[jax.Array] = None):
   """This device's loss share for the configured objective (+ proximal term), and its aux.
 
-  `rows` are the step's pre-step bank rows, gathered once (`objectives.step_rows`).
+  `rows` are the step's pre-step bank rows, gathered once (`objectives.step_rows`); `labels`
+  the global batch's labels, read only by the supervised objective.
   """
   if hp.objective == "nce":
     share, aux = objectives.nce_loss(features, indices, bank, noise, partition,
@@ -165,6 +175,9 @@ def compute_objective(hp: StepConfig, params, features, indices, bank: MemoryBan
     share, aux = objectives.parametric_softmax_loss(
         features, indices, params["instance_weights"], num_instances=bank.num_instances,
         temperature=hp.temperature, axis_name=AXIS)
+  elif hp.objective == "supervised":
+    share, aux = objectives.supervised_loss(features, labels, params["classifier"],
+                                            temperature=hp.temperature, axis_name=AXIS)
   else:
     raise ValueError(f"unknown objective {hp.objective!r}")
   if hp.proximal_weight:
@@ -179,12 +192,14 @@ def train_step(state: TrainState, batch, *, model, tx: optax.GradientTransformat
                hp: StepConfig, learning_rate_fn):
   """One SGD step on this device's part of the global batch (call under pmap over AXIS).
 
-  batch: {"image": uint8 (b, H, W, C), "index": int32 (b,)} for this device.
+  batch: {"image": uint8 (b, H, W, C), "index": int32 (b,)} for this device, plus
+    {"label": int32 (b,)} when the objective reads labels (`hp.uses_labels`).
   Returns (new state, metrics), the metrics identical on every device.
   """
   augment_key, noise_key = step_keys(state)
   images = augment.train_augment(augment_key, batch["image"], hp.augment)
   indices = sharding.gather_batch(batch["index"], AXIS)
+  labels = sharding.gather_batch(batch["label"], AXIS) if hp.uses_labels else None
   noise = None
   if hp.uses_noise:
     noise = noise_lib.sample(noise_key, hp.layout, hp.num_negatives, hp.global_batch,
@@ -198,14 +213,15 @@ def train_step(state: TrainState, batch, *, model, tx: optax.GradientTransformat
         mutable=["batch_stats"])
     features = sharding.gather_batch(features, AXIS)          # (B, d): the global batch
     share, aux = compute_objective(hp, params, features, indices, state.bank, noise,
-                                   state.partition, rows)
+                                   state.partition, rows, labels)
     return share, (aux, new_model_state, features)
 
   (share, (aux, new_model_state, features)), grads = jax.value_and_grad(
       loss_fn, has_aux=True)(state.params)
-  # Encoder gradients: each device holds d(total loss)/d(its examples); sum them. Instance-
-  # sharded gradients are already complete on their shard.
-  grads = dict(grads, encoder=jax.lax.psum(grads["encoder"], AXIS))
+  # Replicated parameters (the encoder, the supervised classifier): each device holds the
+  # gradient of its share; sum them. Instance-sharded gradients are complete on their shard.
+  grads = {name: grad if name in INSTANCE_SHARDED_KEYS else jax.lax.psum(grad, AXIS)
+           for name, grad in grads.items()}
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   # Running BN statistics are per device during the step (as the reference); keep the

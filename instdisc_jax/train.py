@@ -245,9 +245,9 @@ class Trainer:
     try:
       while step < self.total_steps:
         batch = next(self.iterator)
+        fed = ("image", "index", "label") if self.hp.uses_labels else ("image", "index")
         self.state, metrics = self.p_train_step(
-            self.state, parallel.shard_local_batch({"image": batch["image"],
-                                                    "index": batch["index"]}))
+            self.state, parallel.shard_local_batch({k: batch[k] for k in fed}))
         step += 1
         pending.add(step, metrics)
         bar.update(1)

@@ -323,7 +323,7 @@ def test_unknown_field_suggests_the_closest(npz, typo, meant):
     ("model", "resnet5", "config.model='resnet5': must be one of cifar_resnet18, resnet18, "
      "resnet50, small_resnet; did you mean 'resnet50'?"),
     ("objective", "NCE", "config.objective='NCE': must be one of nce, softmax, "
-     "parametric_softmax, infonce; did you mean 'nce'?"),
+     "parametric_softmax, infonce, supervised; did you mean 'nce'?"),
     ("dataset", "cifar-10", "config.dataset='cifar-10': must be one of fashion_mnist, mnist, "
      "cifar10, cifar100, stl10, imagenet2012, or folder:/path or npz:/path/file.npz; did you "
      "mean 'cifar10'?"),

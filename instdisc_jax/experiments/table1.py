@@ -1,15 +1,17 @@
 r"""Table 1 of the paper: the training objectives compared with everything else identical.
 
   python -m instdisc_jax.experiments.table1 --dataset=fashion_mnist --epochs=2 \
-      --workdir=/tmp/table1 [--rows=softmax,nce_4096] [--config=configs/fashion_mnist.py] \
-      [--config.batch_size=256 ...]
+      --workdir=/tmp/table1 [--rows=softmax,nce_4096] [--seeds=3] \
+      [--config=configs/fashion_mnist.py] [--config.batch_size=256 ...]
 
 Rows: the parametric softmax (Eq. 1), the full non-parametric softmax (Eq. 2) and NCE (Eqs.
 4-7) with m in {1, 10, 512, 4096} noise samples; NCE rows with m >= n (the number of training
 images) cannot run and are listed as not run. Each row trains `train.train_and_evaluate` in
 this process, from the same base config (`--config` and its `--config.*` overrides, then
 `--dataset` and `--epochs`) with only `objective` and `num_negatives` changed, in its own
-sub-workdir `<workdir>/<row>`. The run is resumable: rows whose `results.json` exists are
+sub-workdir `<workdir>/<row>`. With `--seeds=N` (N > 1) each row trains N times, with the
+config's seed plus 0, ..., N - 1, in `<workdir>/<row>/seed_<s>`, and the table shows the mean
++- standard deviation over seeds (the chart has std error bars). The run is resumable: rows whose `results.json` exists are
 skipped, an interrupted row resumes from its checkpoint. At the end `<workdir>/table1.md`
 (the exact command, date, epochs, wall time and kNN top-1 per row) and `<workdir>/table1.png`
 (a bar chart) are written. docs/table1.md is such a table, with the command that made it.
@@ -35,6 +37,7 @@ from ml_collections import config_flags
 
 from instdisc_jax import cli
 from instdisc_jax.errors import UserError
+from instdisc_jax.experiments import seeds_table
 
 log = logging.getLogger(__name__)
 
@@ -123,15 +126,27 @@ def run_row(row: Row, config: ml_collections.ConfigDict, workdir: str, stop) -> 
   return record
 
 
-def _top1(record: dict, name: str) -> float:
-  """kNN top-1 of the row's results on `name` ("knn_bank", "knn_recomputed"); NaN if none."""
-  if name not in record["results"]:
-    return math.nan
-  return float(record["results"][name]["top1"])
+def _records(value) -> list[dict]:
+  """A row's records: one per seed (a single record is one seed)."""
+  return [value] if isinstance(value, dict) else list(value)
 
 
-def _cell(value: float) -> str:
-  return "-" if math.isnan(value) else f"{value:.2f}"
+def _summary(value, name: str) -> Optional[dict]:
+  """Mean and std over seeds (`seeds_table.summarize`) of the row's kNN top-1 on `name`
+  ("knn_bank", "knn_recomputed"); None if no seed has it."""
+  values = [float(r["results"][name]["top1"]) for r in _records(value) if name in r["results"]]
+  return seeds_table.summarize(values) if values else None
+
+
+def _top1(value, name: str) -> float:
+  """Mean kNN top-1 over the row's seeds on `name`; NaN if none."""
+  summary = _summary(value, name)
+  return math.nan if summary is None else summary["mean"]
+
+
+def _std(value, name: str) -> float:
+  summary = _summary(value, name)
+  return math.nan if summary is None else summary["std"]
 
 
 def _duration(seconds: float) -> str:
@@ -164,7 +179,8 @@ def markdown(rows: Sequence[Row], records: dict, *, command: str, config: ml_col
       f"k={config.knn_k} nearest training images, tau={config.knn_temperature}, on the test "
       "split, with the training features taken from the memory bank or recomputed with the "
       "final network under the eval transform. Wall time: training, plus the final evaluation, "
-      "of the call that finished the row.",
+      "of the call that finished the row (summed over seeds). With several seeds a cell is the "
+      "mean ± standard deviation (ddof = 1) over them.",
       "",
       "| objective | m | kNN top-1, bank (%) | kNN top-1, recomputed (%) | wall time |",
       "| --- | ---: | ---: | ---: | ---: |",
@@ -176,8 +192,9 @@ def markdown(rows: Sequence[Row], records: dict, *, command: str, config: ml_col
       skipped.append(row)
       continue
     m = "-" if row.num_negatives is None else str(row.num_negatives)
-    lines.append(f"| {row.title} | {m} | {_cell(_top1(record, 'knn_bank'))} | "
-                 f"{_cell(_top1(record, 'knn_recomputed'))} | {_duration(record['wall_s'])} |")
+    wall = sum(r["wall_s"] for r in _records(record))
+    lines.append(f"| {row.title} | {m} | {seeds_table.cell(_summary(record, 'knn_bank'))} | "
+                 f"{seeds_table.cell(_summary(record, 'knn_recomputed'))} | {_duration(wall)} |")
   if skipped:
     lines += ["", "Not run: " + ", ".join(
         f"{row.title} (m={row.num_negatives} is not below n={num_instances})" for row in skipped)
@@ -193,17 +210,24 @@ def write_outputs(workdir: str, rows: Sequence[Row], records: dict, **context) -
     f.write(text)
   shown = [row for row in rows if row.name in records]
   config = context["config"]
+  # Error bars (std over seeds) only when some row has several seeds.
+  stds = {}
+  if any(len(_records(records[row.name])) > 1 for row in shown):
+    stds = {"bank_std": [_std(records[row.name], "knn_bank") for row in shown],
+            "recomputed_std": [_std(records[row.name], "knn_recomputed") for row in shown]}
   plots.table1_bars(
       os.path.join(workdir, "table1.png"), [row.title for row in shown],
       [_top1(records[row.name], "knn_bank") for row in shown],
       [_top1(records[row.name], "knn_recomputed") for row in shown],
-      f"kNN top-1 on {config.dataset}, {_length(config, context['steps'])} per row")
+      f"kNN top-1 on {config.dataset}, {_length(config, context['steps'])} per row",
+      **stds)
   return text
 
 
 def run_table(config: ml_collections.ConfigDict, workdir: str, rows: Sequence[Row], *,
-              command: str, stop=None) -> str:
-  """Runs (or resumes) every row that fits n, then writes the outputs; returns the markdown."""
+              command: str, stop=None, seeds: int = 1) -> str:
+  """Runs (or resumes) every row that fits n, `seeds` times each, then writes the outputs;
+  returns the markdown."""
   import jax  # pylint: disable=g-import-not-at-top
 
   from instdisc_jax import config_validation  # pylint: disable=g-import-not-at-top
@@ -221,8 +245,16 @@ def run_table(config: ml_collections.ConfigDict, workdir: str, rows: Sequence[Ro
       log.warning("row %s skipped: m=%d is not below n=%d", row.name, row.num_negatives, n)
       continue
     log.info("Table 1 row %s (%s)", row.name, row.title)
-    records[row.name] = run_row(row, row_config(config, row), os.path.join(workdir, row.name),
-                                stop)
+    if seeds == 1:
+      records[row.name] = run_row(row, row_config(config, row), os.path.join(workdir, row.name),
+                                  stop)
+      continue
+    records[row.name] = []
+    for seed in range(config.seed, config.seed + seeds):
+      seeded = row_config(config, row)
+      seeded.seed = seed
+      records[row.name].append(run_row(row, seeded, os.path.join(workdir, row.name,
+                                                                 f"seed_{seed}"), stop))
   if jax.process_index() != 0:
     return ""
   devices = f"{jax.device_count()} {jax.devices()[0].platform.upper()} device(s)"
@@ -237,13 +269,16 @@ def main(argv):
   with cli.user_errors_exit():
     cli.require(FLAGS.workdir, "--workdir", "give a directory for the rows and the table")
     rows = select_rows(FLAGS.rows)
+    if FLAGS.seeds < 1:
+      raise UserError(f"--seeds={FLAGS.seeds}: give at least 1")
     config = base_config(FLAGS.config, FLAGS.dataset, FLAGS.epochs)
     cli.split_cpu_into_devices((config.batch_size, config.eval_batch_size), FLAGS.host_devices)
     cli.initialize_runtime()
     command = "python -m instdisc_jax.experiments.table1 " + " ".join(
         shlex.quote(arg) for arg in sys.argv[1:])
     with cli.stop_signal() as stop:
-      text = run_table(config, FLAGS.workdir, rows, command=command, stop=stop)
+      text = run_table(config, FLAGS.workdir, rows, command=command, stop=stop,
+                       seeds=FLAGS.seeds)
     if text:
       print(text, end="", flush=True)
 
@@ -256,6 +291,8 @@ def define_flags() -> None:
   flags.DEFINE_string("dataset", "", "Dataset spec (e.g. fashion_mnist or npz:/path.npz); "
                       "empty: the config's.")
   flags.DEFINE_integer("epochs", 0, "Training epochs of every row; 0: the config's.")
+  flags.DEFINE_integer("seeds", 1, "Runs per row (seeds: the config's, plus 1, 2, ...); the "
+                       "table shows mean +- std over them.")
   flags.DEFINE_list("rows", [r.name for r in ROWS],
                     f"Rows to run, a subset of {','.join(r.name for r in ROWS)}.")
   config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG,
