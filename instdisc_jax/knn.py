@@ -150,7 +150,7 @@ SUPER_BLOCK = 4
 BISECTION_STEPS = 16
 # Queries per chunk on a CPU. Measured side by side (2 devices, 30,000-row shards, k = 200,
 # 2,048 queries, loaded 2-core machine): the threshold selection took 1.17 CPU s with chunks of
-# 1,024, 1.0 with 256, 0.86 with 128, 0.81 with 64, 0.84 with 32 and 1.44 with 16.
+# 1,024, 0.96 with 256, 0.86 with 128, 0.81 with 64, 0.84 with 32 and 1.44 with 16.
 CPU_QUERY_CHUNK = 64
 
 
