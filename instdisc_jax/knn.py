@@ -16,16 +16,17 @@ the number of shards or the chunk sizes.
 
 Selection. On a CPU, `lax.top_k` is a single-threaded partial sort, about 4 ns per entry plus
 a cost per row that grows with k; over a (Q, n) block of similarities it cost as much as the
-matmul that made them. When a shard fits in one bank chunk, the rows are therefore selected by
-a threshold (`threshold_candidates`): block maxima give a value T that at least k entries over
-all shards reach (found by bisection, the counts summed over shards), the entries >= T (about
-1.3 k for random unit vectors) are compacted in index order on each device, all-gathered, and one
-`lax.top_k` over D * `candidate_buffer` entries picks the k best. Every pass over the block is a
-vectorised reduction. A chunk whose candidates overflow a device's buffer (rare; data with many
-equal similarities) is selected again exactly with `lax.top_k` per shard and a merge, as are
-banks scored in several chunks (`top_k_of_prefix`: two stages through group maxima once rows
-are long against k, see `MIN_GROUP`). On a CPU host split into one device per core (as the
-trainer does), every device scores and selects its own shard, so all cores work on the kNN.
+matmul that made them. On a CPU, when a shard fits in one bank chunk, the rows are therefore
+selected by a threshold (`threshold_candidates`): block maxima give a value T that at least k
+entries over all shards reach (found by bisection, the counts summed over shards), the entries
+>= T (about 1.3 k for random unit vectors) are compacted in index order on each device,
+all-gathered, and one `lax.top_k` over D * `candidate_buffer` entries picks the k best. Every
+pass over the block is a vectorised reduction. A chunk whose candidates overflow a device's
+buffer (rare; data with many equal similarities) is selected again exactly with `lax.top_k` per
+shard and a merge, as are banks scored in several chunks and other backends (`top_k_of_prefix`:
+two stages through group maxima once rows are long against k, see `MIN_GROUP`). On a CPU host
+split into one device per core (as the trainer does), every device scores and selects its own
+shard, so all cores work on the kNN.
 
 `approx_recall` switches the per-chunk selection to `lax.approx_max_k`, which is only faster on
 TPU (on CPU and GPU it is an exact top-k under another name).
@@ -186,9 +187,9 @@ def threshold_candidates(scores: jax.Array, num_valid: jax.Array, k: int, buffer
      the per-block counts, a binary search for the block of each slot, and a look-up within it.
 
   For random unit vectors (k = 200, one shard of 30,000 rows) 260 entries on average (at most
-  289 over 1,024 queries) were >= T (measured). Selecting among the
-  candidates with `lax.top_k` (in position order, so ties go to the lower position) gives the
-  same result as one `lax.top_k` over all entries.
+  289 over 1,024 queries) were >= T (measured). Selecting among the candidates with
+  `lax.top_k` (in position order, so ties go to the lower position; -0.0 made +0.0 first) gives
+  the same result as one `lax.top_k` over all entries. The values must not be NaN.
 
   Returns:
     (values, positions): (Q, buffer) each; -inf and position 0 in unused slots.
@@ -250,9 +251,8 @@ def threshold_candidates(scores: jax.Array, num_valid: jax.Array, k: int, buffer
   inclusive = lax.associative_scan(jnp.add, counts, axis=0)
   overflow = jnp.any(inclusive[-1] > buffer)
   # The look-ups below follow one query each: (Q, blocks), so that a query's blocks are
-  # contiguous in memory.
-  # (The barrier keeps XLA from fusing their producers into the gathers below, which would
-  # recompute them per gathered element.)
+  # contiguous in memory. The barrier keeps XLA from fusing their producers into the gathers
+  # below, which would recompute them per gathered element.
   inclusive, masks = lax.optimization_barrier((inclusive.T, masks.T))
 
   # Block of slot s: the first block whose inclusive count exceeds s (binary search).
@@ -358,8 +358,9 @@ def nearest_neighbors(queries: jax.Array, rows: jax.Array, labels: jax.Array, *,
       a multiple of the selection's group size).
     approx_recall: use `lax.approx_max_k` with this recall target (TPU only pays off).
   """
+  on_cpu = jax.default_backend() == "cpu"
   if query_chunk is None:
-    query_chunk = CPU_QUERY_CHUNK if jax.default_backend() == "cpu" else 1024
+    query_chunk = CPU_QUERY_CHUNK if on_cpu else 1024
   layout = ShardLayout(num_instances, sharding.num_shards(axis_name))
   k = min(k, num_instances)
   rows = rows.astype(jnp.float32)
@@ -387,7 +388,8 @@ def nearest_neighbors(queries: jax.Array, rows: jax.Array, labels: jax.Array, *,
     return Neighbors(scores=best, indices=jnp.take_along_axis(cand_ids, pos, axis=1),
                      labels=jnp.take_along_axis(cand_labels, pos, axis=1))
 
-  by_threshold = approx_recall is None and layout.rows_per_shard <= bank_chunk
+  # GPU and TPU have a fast `lax.top_k`; the threshold selection was measured on CPUs only.
+  by_threshold = on_cpu and approx_recall is None and layout.rows_per_shard <= bank_chunk
   if by_threshold:
     width = _round_up(layout.rows_per_shard, BLOCK * SUPER_BLOCK)
     padded_rows = jnp.pad(rows, ((0, width - rows.shape[0]), (0, 0)))
