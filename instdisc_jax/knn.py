@@ -364,6 +364,7 @@ def nearest_neighbors(queries: jax.Array, rows: jax.Array, labels: jax.Array, *,
   layout = ShardLayout(num_instances, sharding.num_shards(axis_name))
   k = min(k, num_instances)
   rows = rows.astype(jnp.float32)
+  labels = jnp.asarray(labels)                                 # may be a host array
   num_real = sharding.local_real_rows(layout, axis_name)
   offset = sharding.shard_index(axis_name) * layout.rows_per_shard
   local_k = min(k, layout.rows_per_shard)
