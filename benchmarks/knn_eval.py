@@ -72,6 +72,7 @@ if __name__ == "__main__":
 
 # pylint: disable=wrong-import-position
 import functools
+import os
 import resource
 import statistics
 import time
@@ -183,6 +184,7 @@ def overlap(ours: np.ndarray, theirs: np.ndarray) -> float:
 
 def run(size_name: str) -> dict:
   size = SIZES[size_name]
+  load_before = os.getloadavg()
   rng = np.random.default_rng(0)
   bank = unit_rows(rng, size.bank, size.dim)
   queries = unit_rows(rng, size.queries, size.dim)
@@ -191,7 +193,7 @@ def run(size_name: str) -> dict:
   common.log(f"knn_eval: matmul peak ({size.matmul_side}^3 on {devices} devices)")
   peaks = [matmul_peak(size.matmul_side, dtype, size.repeats) for dtype in size.peak_dtypes]
   result = {"bank": size.bank, "queries": size.queries, "dim": size.dim, "k": size.k,
-            "devices": devices, "matmul_peak": peaks}
+            "devices": devices, "matmul_peak": peaks, "loadavg_before": load_before}
   common.save_partial(result)
   fp32_peak = next((p["flop_per_s"] for p in peaks if p["dtype"] == "float32"), None)
   flop = 2 * size.queries * size.bank * size.dim
@@ -208,6 +210,9 @@ def run(size_name: str) -> dict:
     calls["faiss"] = lambda: index.search(queries, size.k)
   common.log(f"knn_eval: timing {', '.join(calls)} interleaved, {size.repeats} repeats")
   timings, cpu_s = time_interleaved(calls, size.repeats)
+  # On a shared machine the load decides what the times mean (faiss's OpenMP threads suffer
+  # more from it than our devices): 1, 5 and 15 minute load averages, before and after.
+  result["loadavg_after_timing"] = os.getloadavg()
 
   for record, name in ((ours, "ours"), (ours_one, "ours_one_device")):
     timing = timings[name]
@@ -241,6 +246,10 @@ def markdown(result: dict) -> str:
   header = (f"Bank {result['bank']} x {result['dim']}, {result['queries']} queries, "
             f"k = {result['k']}; FLOP/s counts 2 * Q * n * d; median of repeats, the three "
             f"timed in turn in one process.")
+  if "loadavg_after_timing" in result:
+    header += (" Load average (1, 5, 15 min) before: "
+               + ", ".join(f"{x:.1f}" for x in result["loadavg_before"]) + "; after timing: "
+               + ", ".join(f"{x:.1f}" for x in result["loadavg_after_timing"]) + ".")
   peaks = common.table(
       ["matmul peak", "side", "devices", "FLOP/s", "median ms"],
       [[p["dtype"], p["side"], p.get("devices", 1), common.si(p["flop_per_s"], "FLOP/s"),

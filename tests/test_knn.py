@@ -161,3 +161,41 @@ def test_two_stage_selection_matches_brute_force_with_ties(num_shards, k, chunki
   np.testing.assert_array_equal(neighbors.indices, expected_order)
   np.testing.assert_array_equal(neighbors.labels, labels[expected_order])
   np.testing.assert_allclose(scores, expected_scores, rtol=1e-5)
+
+
+@pytest.mark.parametrize("num_valid", [8192, 8000, 60])
+def test_threshold_candidates_are_every_entry_above_a_bound_on_the_kth(num_valid):
+  """All entries >= T in position order, T <= the k-th largest real entry, no overflow. With 60
+  real rows (fewer real super-blocks than k), every real row is a candidate."""
+  rng = np.random.default_rng(5)
+  n, q, k, buffer = 8192, 6, 10, 64
+  scores = rng.normal(size=(n, q)).astype(np.float32)
+  scores[num_valid:] = 9.0                                     # padding that would win
+  values, positions, overflow = jax.jit(knn.threshold_candidates, static_argnums=(2, 3))(
+      jnp.asarray(scores), jnp.int32(num_valid), k, buffer)
+  assert not bool(overflow)
+  real = scores[:num_valid]
+  for j in range(q):
+    kth = np.sort(real[:, j])[::-1][k - 1]
+    used = np.isfinite(values[j])
+    expected = np.flatnonzero(real[:, j] >= values[j][used].min())
+    np.testing.assert_array_equal(positions[j][used], expected)
+    np.testing.assert_array_equal(values[j][used], real[expected, j])
+    assert values[j][used].min() <= kth and used.sum() >= k
+
+
+def test_overflowing_candidates_fall_back_to_the_exact_selection(monkeypatch):
+  """A buffer too small for the candidates: the chunk is selected by `lax.top_k`, same result."""
+  rng = np.random.default_rng(6)
+  n = 1203
+  bank = quantised(rng, (n, 8))
+  labels = rng.integers(0, 7, size=n)
+  queries = quantised(rng, (9, 8))
+  expected_scores, expected_order = ref.knn(queries, bank, labels, 5, TAU, 7)
+  for buffer in (knn.candidate_buffer, lambda k, num_shards: 8):
+    monkeypatch.setattr(knn, "candidate_buffer", buffer)
+    for num_shards in (None, 8):
+      neighbors, scores = run_knn(queries, bank, labels, k=5, num_classes=7,
+                                  num_shards=num_shards)
+      np.testing.assert_array_equal(neighbors.indices, expected_order)
+      np.testing.assert_allclose(scores, expected_scores, rtol=1e-5)
