@@ -7,6 +7,7 @@ import pytest
 import reference_numpy as ref
 
 from instdisc_jax import knn
+from instdisc_jax import knn_select
 from instdisc_jax.sharding import ShardLayout
 
 AXIS = "devices"
@@ -125,7 +126,7 @@ def test_two_stage_selection_is_top_k_of_the_prefix(group, num_valid):
   values[2, num_valid:] = 1e3                                  # and larger padding after them
   k = 20
   assert 700 // group >= k
-  select = jax.jit(knn.top_k_of_prefix, static_argnames=("k", "group"))
+  select = jax.jit(knn_select.top_k_of_prefix, static_argnames=("k", "group"))
   best, pos = select(jnp.asarray(values), jnp.int32(num_valid), k=k, group=group)
   one_stage = select(jnp.asarray(values), jnp.int32(num_valid), k=k, group=1)
   np.testing.assert_array_equal(best, one_stage[0])
@@ -146,7 +147,7 @@ def test_two_stage_selection_is_top_k_of_the_prefix(group, num_valid):
 def test_two_stage_selection_matches_brute_force_with_ties(num_shards, k, chunking, monkeypatch):
   """Two-stage selection (groups of >= 4 rows allowed, checked to run) with exact ties between
   equal rows, on one shard and on 8 (the last one with padding rows)."""
-  monkeypatch.setattr(knn, "MIN_GROUP", 4)
+  monkeypatch.setattr(knn_select, "MIN_GROUP", 4)
   rng = np.random.default_rng(4)
   n = 1203
   base = quantised(rng, (300, 8))
