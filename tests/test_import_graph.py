@@ -18,7 +18,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1] / PACKAGE
 # The algorithm (and the pieces split out of it) and the pure step functions.
 CORE = (
     "objectives", "partition", "noise", "knn", "memory_bank", "sharding", "parallel", "models",
-    "augment", "crop", "dataset_stats", "optim", "steps",
+    "augment", "crop", "dataset_stats", "optim", "knn_select", "steps",
 )
 # What the core must not reach, directly or through another module of the package: the loop,
 # the data, the checkpoints, the command lines, the evaluators and the experiments. A name
