@@ -222,5 +222,6 @@ def print_results(results: Optional[dict]) -> None:
       if choice:          # (k, tau) chosen on the validation set; the line below is the test's.
         print(f"validation weighted kNN ({title}): k={choice['k']}, tau={choice['temperature']:g} "
               f"chosen, top-1 {choice['top1']:.2f}%  top-5 {choice['top5']:.2f}%", flush=True)
-      print(f"final weighted kNN ({title}): top-1 {r['top1']:.2f}%  top-5 {r['top5']:.2f}%",
+      where = "test" if choice else "final"
+      print(f"{where} weighted kNN ({title}): top-1 {r['top1']:.2f}%  top-5 {r['top5']:.2f}%",
             flush=True)
