@@ -610,11 +610,13 @@ args = sys.argv[1:]
 pid = next(a.split("=", 1)[1] for a in args if a.startswith("--process_id=")) \
     if any(a.startswith("--process_id=") for a in args) else "0"
 out = os.environ["STAND_IN_OUT"]
-with open(os.path.join(out, f"p{pid}.json"), "w") as f:
+# Written whole, then renamed: a test polling for the file never reads it half written.
+with open(os.path.join(out, f"p{pid}.json.tmp"), "w") as f:
     json.dump({"args": args, "pid": os.getpid(),
                "env": {k: os.environ.get(k) for k in
                        ("XLA_FLAGS", "JAX_PLATFORMS", "CUDA_VISIBLE_DEVICES",
                         "XLA_PYTHON_CLIENT_MEM_FRACTION")}}, f)
+os.replace(os.path.join(out, f"p{pid}.json.tmp"), os.path.join(out, f"p{pid}.json"))
 print("stand-in", pid, "done", flush=True)
 fail = os.environ.get("STAND_IN_FAIL")
 if fail is not None:
