@@ -269,16 +269,7 @@ def table1_bars(path: str, names: Sequence[str], bank_top1: Sequence[float],
       if not math.isnan(value):
         axes.text(bar.get_x() + bar.get_width() / 2, value + 0.5, f"{value:.1f}",
                   ha="center", va="bottom", fontsize=7)
-  axes.set_xticks(x)
-  axes.set_xticklabels([textwrap.fill(name, 14) for name in names], fontsize=8)
-  axes.set_ylabel("kNN top-1 (%)")
-  axes.set_ylim(0, 112)
-  axes.set_yticks(range(0, 101, 20))
-  axes.legend(fontsize=8, loc="upper left", ncol=2, frameon=False)
-  axes.set_title(title, fontsize=10)
-  axes.grid(axis="y", alpha=0.3)
-  figure.tight_layout()
-  _save(figure, path)
+  _finish_bars(figure, axes, path, x, names, ylabel="kNN top-1 (%)", top=112, title=title)
 
 
 SEEDS_COLOURS = ("#5e3c99", "#e66101", "#1a9641", "#8c8c8c", "#2b5fb4", "#d7191c")
@@ -304,10 +295,18 @@ def seeds_bars(path: str, rows: Sequence[str], columns: Sequence[str], means: np
     for position, value, error in zip((x + offset)[shown], values[shown], errors[shown]):
       axes.text(position, value + error + 1.0, f"{value:.1f}", ha="center", va="bottom", fontsize=6,
                 rotation=90)
+  # The y range leaves room for the legend above the bars.
+  _finish_bars(figure, axes, path, x, columns, ylabel="top-1 (%), mean and std over seeds",
+               top=135, title=title)
+
+
+def _finish_bars(figure, axes, path: str, x, names: Sequence[str], *, ylabel: str, top: float,
+                 title: str) -> None:
+  """Labels, 0-100 % ticks, legend, title and grid of a grouped bar chart; saves it."""
   axes.set_xticks(x)
-  axes.set_xticklabels([textwrap.fill(name, 14) for name in columns], fontsize=8)
-  axes.set_ylabel("top-1 (%), mean and std over seeds")
-  axes.set_ylim(0, 135)                       # room for the legend above the bars
+  axes.set_xticklabels([textwrap.fill(name, 14) for name in names], fontsize=8)
+  axes.set_ylabel(ylabel)
+  axes.set_ylim(0, top)
   axes.set_yticks(range(0, 101, 20))
   axes.legend(fontsize=8, loc="upper left", ncol=2, frameon=False)
   axes.set_title(title, fontsize=10)

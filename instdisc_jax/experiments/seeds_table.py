@@ -126,14 +126,9 @@ def markdown(rows: Sequence[Row], columns: Sequence[tuple[str, str]], table: Map
              ) -> str:
   """The table as markdown: the command and setting, one line per row, what each column is."""
   lines = [
-      f"# {config.dataset}: instance discrimination and baselines over {len(seeds)} seed(s)",
-      "",
-      f"Command (run {date} on {devices}):",
-      "",
-      "```",
-      command,
-      "```",
-      "",
+      *command_header(
+          f"{config.dataset}: instance discrimination and baselines over {len(seeds)} seed(s)",
+          command, date, devices),
       f"Top-1 on the test split (%), mean ± standard deviation (ddof = 1) over seeds "
       f"{', '.join(str(s) for s in seeds)}. The trained rows train {config.model} for "
       f"{_length(config)} from the same "
@@ -152,3 +147,8 @@ def markdown(rows: Sequence[Row], columns: Sequence[tuple[str, str]], table: Map
   lines += ["", "Wall time: all seeds of the row, summed over the parts run by the calls that "
             "finished them (training, evaluation, baselines)."]
   return "\n".join(lines) + "\n"
+
+
+def command_header(title: str, command: str, date: str, devices: str) -> list[str]:
+  """A results page's first lines: its title, then the command that made it, when and where."""
+  return [f"# {title}", "", f"Command (run {date} on {devices}):", "", "```", command, "```", ""]

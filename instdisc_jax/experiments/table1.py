@@ -165,14 +165,9 @@ def markdown(rows: Sequence[Row], records: dict, *, command: str, config: ml_col
              num_instances: int, steps: int, date: str, devices: str) -> str:
   """The table as markdown: a header naming the setting, one line per row, skipped rows listed."""
   lines = [
-      f"# Table 1 on {config.dataset}: kNN top-1 of each training objective",
-      "",
-      f"Command (run {date} on {devices}):",
-      "",
-      "```",
-      command,
-      "```",
-      "",
+      *seeds_table.command_header(
+          f"Table 1 on {config.dataset}: kNN top-1 of each training objective", command, date,
+          devices),
       f"Every row trains {config.model} for {_length(config, steps)} of batch "
       f"{config.batch_size} on n={num_instances} training images from the same config; only "
       "the objective and m differ. kNN: weighted vote of the "
