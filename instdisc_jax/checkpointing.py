@@ -191,7 +191,7 @@ class Checkpointer:
         checkpoint_leaves.for_saving(target_state, self.sharded_keys))
     failed = set()
     while True:
-      self.manager.reload()
+      self._reload()
       steps = [step for step in self.all_steps() if step not in failed]
       if not steps:
         return None
@@ -206,6 +206,19 @@ class Checkpointer:
         continue
       self._set_aside(step, problem, steps[-2] if len(steps) > 1 else None)
 
+  def _reload(self, attempts: int = 20) -> None:
+    """Lists the checkpoints on disk again. orbax stats every checkpoint while it lists them, so
+    a reader of a run that is still training can see one vanish between the listing and the
+    stat (the run's `keep` deleting it): that listing is simply taken again."""
+    for attempt in range(attempts):
+      try:
+        self.manager.reload()
+        return
+      except FileNotFoundError:
+        if attempt == attempts - 1:
+          raise
+        time.sleep(0.05)
+
   def _vanished(self, step: int) -> bool:
     """Whether checkpoint `step` no longer exists (on any process's view).
 
@@ -215,7 +228,7 @@ class Checkpointer:
     calling it unreadable.
     """
     path = epath.Path(self.directory) / str(step)
-    self.manager.reload()
+    self._reload()
     newer = self.read_only and any(other > step for other in self.all_steps())
     deadline = time.monotonic() + (_DELETION_GRACE_S if newer else 0.0)
     while path.exists() and time.monotonic() < deadline:

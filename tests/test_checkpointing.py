@@ -163,6 +163,26 @@ def test_read_only_restore_falls_back_without_moving_anything(saved, caplog):
   assert not os.path.exists(os.path.join(workdir, "unreadable_checkpoints"))
 
 
+def test_a_checkpoint_deleted_while_it_is_listed_is_listed_again(saved, monkeypatch):
+  """orbax stats every checkpoint while it lists them; the run's `keep` may delete one in
+  between (seen on a loaded CI machine: FileNotFoundError out of `manager.reload`)."""
+  workdir, states = saved
+  checkpointer = Checkpointer(workdir, keep=None, sharded_keys=SHARDED, read_only=True)
+  reload, calls = checkpointer.manager.reload, []
+
+  def flaky_reload():
+    calls.append(1)
+    if len(calls) == 1:
+      raise FileNotFoundError("checkpoints/4 vanished while listed")
+    return reload()
+
+  monkeypatch.setattr(checkpointer.manager, "reload", flaky_reload)
+  state, _, step = checkpointer.restore(make_state(), META)
+  checkpointer.close()
+  assert step == 8 and len(calls) >= 2
+  assert_same(state, states[8])
+
+
 def test_no_readable_checkpoint_starts_over(saved, caplog):
   workdir, _ = saved
   for step in ("4", "8"):
