@@ -3,12 +3,14 @@
 Quiet fallback: when one read of a restore fails, orbax abandons the checkpoint's other reads and
 closes its event loop; tensorstore then completes those reads and cannot deliver them to the
 closed loop, and Python prints each such "Event loop is closed" error (hundreds for a large
-state), and each read coroutine left un-awaited with a read error of its own. And a reader of a
+state), each read coroutine left un-awaited with a read error of its own, and asyncio logs each
+read task whose error nobody retrieved ("Task exception was never retrieved", with a traceback,
+whenever the task is garbage-collected). And a reader of a
 running run may list a checkpoint that the run deletes (`keep_checkpoints`) before it is read:
 orbax then logs "Metadata file does not exist" for it. None of these carry information (a
 checkpoint that cannot be used is named in the `Checkpointer`'s own warning, one that vanished
 is passed over on purpose), so `install_quiet_fallback` drops exactly these, from
-`sys.unraisablehook` and from orbax's (absl's) logger, and passes everything else on.
+`sys.unraisablehook`, asyncio's logger and orbax's (absl's) logger, and passes everything else on.
 
 Test hook: with the environment variable `INSTDISC_TEST_CHECKPOINT_WRITE_DELAY_S` set to a number
 of seconds, the background part of every save first sleeps that long, so tests can act (e.g.
@@ -60,12 +62,29 @@ class _MissingStepMetadataFilter(logging.Filter):
     return record.msg != _MISSING_METADATA
 
 
+class _AbandonedReadTaskFilter(logging.Filter):
+  """Drops asyncio's "Task exception was never retrieved" for a task that failed in orbax's code
+  (an abandoned read of a failed restore, see the module doc); keeps it for every other task."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if not (isinstance(record.msg, str)
+            and record.msg.startswith("Task exception was never retrieved")
+            and record.exc_info and record.exc_info[2] is not None):
+      return True
+    return f"{os.sep}orbax{os.sep}" not in record.exc_info[2].tb_frame.f_code.co_filename
+
+
+def _add_filter_once(logger: logging.Logger, kind: type) -> None:
+  if not any(isinstance(f, kind) for f in logger.filters):
+    logger.addFilter(kind())
+
+
 def install_quiet_fallback() -> None:
-  """Wraps `sys.unraisablehook` to drop abandoned-read callbacks, and filters orbax's warning
-  about missing step metadata; passes on the rest. Installs each once, however often called."""
-  absl_logger = logging.getLogger("absl")
-  if not any(isinstance(f, _MissingStepMetadataFilter) for f in absl_logger.filters):
-    absl_logger.addFilter(_MissingStepMetadataFilter())
+  """Wraps `sys.unraisablehook` to drop abandoned-read callbacks, and filters asyncio's report of
+  abandoned read tasks and orbax's warning about missing step metadata; passes on the rest.
+  Installs each once, however often called."""
+  _add_filter_once(logging.getLogger("asyncio"), _AbandonedReadTaskFilter)
+  _add_filter_once(logging.getLogger("absl"), _MissingStepMetadataFilter)
   previous = sys.unraisablehook
   if getattr(previous, "instdisc_quiet_fallback", False):
     return

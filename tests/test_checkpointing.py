@@ -6,6 +6,7 @@ workdir of an incompatible run is refused with the differing fields.
 """
 
 import asyncio
+import gc
 import logging
 import os
 import shutil
@@ -392,6 +393,35 @@ def test_abandoned_read_callbacks_are_dropped_and_other_unraisables_kept(monkeyp
                                              object=types.SimpleNamespace(cr_code=code)))
   assert [type(e) for e in seen] == [ZeroDivisionError, ValueError]
   assert str(seen[-1].args[0]) == str(other)
+
+
+def _task_failing_in(filename: str):
+  """A finished asyncio task whose coroutine, defined in `filename`, raised; nobody retrieves it."""
+  namespace = {}
+  exec(compile("async def read():\n  raise ValueError('NOT_FOUND')\n", filename, "exec"),
+       namespace)
+  loop = asyncio.new_event_loop()
+  task = loop.create_task(namespace["read"]())
+  loop.run_until_complete(asyncio.sleep(0))
+  loop.close()
+  return task
+
+
+def test_abandoned_orbax_read_tasks_are_not_reported_and_other_tasks_are(caplog, monkeypatch):
+  """asyncio's "Task exception was never retrieved" (logged with a traceback when the task is
+  collected) is dropped for a read task of orbax's abandoned by a failed restore, kept for any
+  other."""
+  asyncio_logger = logging.getLogger("asyncio")
+  monkeypatch.setattr(asyncio_logger, "filters", list(asyncio_logger.filters))  # Restored after.
+  checkpoint_orbax.install_quiet_fallback()
+  with caplog.at_level(logging.ERROR, logger="asyncio"):
+    for where in ("orbax", "mine"):
+      task = _task_failing_in(os.path.join("site", where, "serialization.py"))
+      del task
+      gc.collect()
+  reported = [r for r in caplog.records if "never retrieved" in r.getMessage()]
+  assert len(reported) == 1
+  assert f"{os.sep}mine{os.sep}" in reported[0].exc_info[2].tb_frame.f_code.co_filename
 
 
 def test_orbax_warning_about_missing_step_metadata_is_dropped(saved, caplog, monkeypatch):

@@ -359,6 +359,17 @@ def test_valid_config_passes_and_builds_a_train_step(npz, tmp_path_factory, data
   assert metrics["loss"] == jax.ShapeDtypeStruct((NUM_DEVICES,), jnp.float32)
 
 
+@pytest.mark.parametrize("objective", FIELDS["objective"].rule.choices)
+def test_every_objective_builds_a_train_step(npz, tmp_path_factory, objective):
+  """Each objective, not only those the draw above happens to reach, traces on 8 devices with the
+  batch the loop feeds it."""
+  config = tiny_config(npz)
+  config.objective = objective
+  validate(config)
+  metrics = trace_train_step(config, str(tmp_path_factory.mktemp("unused")))
+  assert metrics["loss"] == jax.ShapeDtypeStruct((NUM_DEVICES,), jnp.float32)
+
+
 def trace_train_step(config, workdir):
   """The metrics' shapes of one train step of `config` on 8 devices, traced, not compiled."""
   trainer = train.Trainer(config, workdir)
@@ -368,6 +379,8 @@ def trace_train_step(config, workdir):
   local = config.batch_size // NUM_DEVICES
   batch = {"image": jax.ShapeDtypeStruct((NUM_DEVICES, local) + trainer.image_shape, jnp.uint8),
            "index": jax.ShapeDtypeStruct((NUM_DEVICES, local), jnp.int32)}
+  if trainer.hp.uses_labels:                         # the loop feeds labels to these objectives
+    batch["label"] = jax.ShapeDtypeStruct((NUM_DEVICES, local), jnp.int32)
   _, metrics = jax.eval_shape(trainer.p_train_step, state, batch)
   assert os.listdir(workdir) == []                  # building a Trainer writes nothing
   return metrics
