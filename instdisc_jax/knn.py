@@ -104,6 +104,53 @@ def _shard_top_k(queries, rows, num_real, k, bank_chunk, approx_recall):
   return best, best_ids
 
 
+def _candidates_of_my_queries(candidates, overflow, axis_name):
+  """Each shard's (values, global ids, labels) candidates (Q, c) -> all shards' candidates of
+  this shard's part of the queries, (Q / D, D * c) in shard order (so in global index order),
+  and whether any shard overflowed. One all-to-all: every shard merges Q / D queries."""
+  if axis_name is None:
+    return candidates, overflow
+  num_shards = sharding.num_shards(axis_name)
+  values, ids, labels = candidates
+  flag = jnp.broadcast_to(overflow.astype(jnp.int32), ids.shape)
+  packed = jnp.stack([lax.bitcast_convert_type(values, jnp.int32), ids, labels, flag])
+  num_queries, width = ids.shape
+  packed = packed.reshape(4, num_shards, num_queries // num_shards, width)
+  # Received: (4, D sources, Q / D, c) -> (4, Q / D, D * c).
+  packed = lax.all_to_all(packed, axis_name, split_axis=1, concat_axis=1, tiled=True)
+  packed = packed.transpose(0, 2, 1, 3).reshape(4, num_queries // num_shards, -1)
+  values = lax.bitcast_convert_type(packed[0], jnp.float32)
+  return (values, packed[1], packed[2]), jnp.any(packed[3] > 0)
+
+
+def _best_of_candidates(candidates, k: int) -> "Neighbors":
+  """The k best of each query's candidates (in global index order, so ties go to the lower)."""
+  values, ids, labels = candidates
+  best, pos = lax.top_k(values, k)
+  ids, labels = (jnp.take_along_axis(x, pos, axis=1) for x in (ids, labels))
+  return Neighbors(scores=best, indices=ids, labels=labels)
+
+
+def _my_queries(neighbors: "Neighbors", axis_name) -> "Neighbors":
+  """This shard's part (Q / D rows) of neighbours of a chunk that every shard holds whole."""
+  if axis_name is None:
+    return neighbors
+  part = neighbors.indices.shape[0] // sharding.num_shards(axis_name)
+  start = sharding.shard_index(axis_name) * part
+  return jax.tree.map(lambda x: lax.dynamic_slice_in_dim(x, start, part, axis=0), neighbors)
+
+
+def _gather_my_queries(neighbors: "Neighbors", axis_name) -> "Neighbors":
+  """(chunks, Q / D, k) parts of every shard -> (chunks, Q, k) on all, in one all-gather."""
+  if axis_name is None:
+    return neighbors
+  packed = jnp.stack([lax.bitcast_convert_type(neighbors.scores, jnp.int32), neighbors.indices,
+                      neighbors.labels])
+  packed = lax.all_gather(packed, axis_name, axis=2, tiled=True)
+  return Neighbors(scores=lax.bitcast_convert_type(packed[0], jnp.float32), indices=packed[1],
+                   labels=packed[2])
+
+
 def nearest_neighbors(queries: jax.Array, rows: jax.Array, labels: jax.Array, *,
                       num_instances: int, k: int = 200, axis_name: AxisName = None,
                       query_chunk: Optional[int] = None, bank_chunk: int = 65536,
@@ -161,24 +208,38 @@ def nearest_neighbors(queries: jax.Array, rows: jax.Array, labels: jax.Array, *,
     padded_rows = jnp.pad(rows, ((0, width - rows.shape[0]), (0, 0)))
     buffer = min(candidate_buffer(k, layout.num_shards), width)
 
+  if by_threshold:
+    # Every similarity of a query lies within +-|q| max_i |v_i|: the bracket the threshold is
+    # searched in (a loose one costs candidates, never exactness). Rounding margin included.
+    max_norm = reduce_over_shards(jnp.max(jnp.linalg.norm(padded_rows, axis=1)), lax.pmax,
+                                  axis_name) * (1 + 1e-4)
+
   def one_chunk(q):
     q = q.astype(jnp.float32)
     if not by_threshold:
       return exact_chunk(q)
+    bound = jnp.linalg.norm(q, axis=1) * max_norm + jnp.finfo(jnp.float32).tiny
     values, local_ids, overflow = threshold_candidates(padded_rows @ q.T, num_real, k, buffer,
-                                                       axis_name)
-    overflow = reduce_over_shards(overflow.astype(jnp.int32), lax.pmax, axis_name) > 0
+                                                       axis_name, bounds=(-bound, bound))
+    candidates = (canonical(values), local_ids + offset,
+                  labels[jnp.minimum(local_ids, layout.rows_per_shard - 1)])
+    candidates, overflow = _candidates_of_my_queries(candidates, overflow, axis_name)
     # Rare (about 1.3 k candidates are expected over all shards, up to 2 k + 32 D fit): the
     # whole chunk is selected again by `lax.top_k`, on every shard alike.
-    return lax.cond(overflow, lambda: exact_chunk(q),
-                    lambda: merged(canonical(values), local_ids))
+    return lax.cond(overflow, lambda: _my_queries(exact_chunk(q), axis_name),
+                    lambda: _best_of_candidates(candidates, k))
 
   num_queries = queries.shape[0]
-  if num_queries <= query_chunk:
-    return one_chunk(queries)
+  # The threshold selection merges each chunk's candidates split over the shards: its chunks
+  # are a multiple of D queries (padded with zero queries, whose results are dropped), and each
+  # shard returns the neighbours of its part, gathered once for all chunks at the end.
+  multiple = layout.num_shards if by_threshold else 1
+  query_chunk = round_up(min(query_chunk, num_queries), multiple)
   num_chunks = -(-num_queries // query_chunk)
   padded = jnp.pad(queries, ((0, num_chunks * query_chunk - num_queries), (0, 0)))
   out = lax.map(one_chunk, padded.reshape(num_chunks, query_chunk, -1))
+  if by_threshold:
+    out = _gather_my_queries(out, axis_name)
   return jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:])[:num_queries], out)
 
 
