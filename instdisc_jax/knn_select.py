@@ -236,19 +236,19 @@ def threshold_candidates(scores: jax.Array, num_valid: jax.Array, k: int, buffer
   # below, which would recompute them per gathered element.
   inclusive, masks = lax.optimization_barrier((inclusive.T, masks.T))
 
-  # Block of slot s: the first block whose inclusive count exceeds s (binary search).
+  # Block of slot s: the first block whose inclusive count exceeds s, i.e. the number of blocks
+  # whose inclusive count is <= s (a branchless binary search: steps of 2^j, largest first).
   slots = jnp.arange(buffer, dtype=jnp.int32)[None, :]
+  num_steps = max(1, num_blocks.bit_length())
 
-  def search(_, bounds):
-    lo, hi = bounds
-    mid = (lo + hi) // 2
-    right = jnp.take_along_axis(inclusive, jnp.minimum(mid, num_blocks - 1), axis=1) <= slots
-    return jnp.where((lo < hi) & right, mid + 1, lo), jnp.where((lo < hi) & ~right, mid, hi)
+  def search(i, first):
+    step = jnp.left_shift(1, num_steps - 1 - i)
+    probe = first + step
+    below = jnp.take_along_axis(inclusive, jnp.minimum(probe, num_blocks) - 1, axis=1) <= slots
+    return jnp.where((probe <= num_blocks) & below, probe, first)
 
   # A loop, not unrolled: XLA would fuse the steps and recompute the chain per use.
-  first, _ = lax.fori_loop(0, max(1, math.ceil(math.log2(num_blocks + 1))), search,
-                           (jnp.zeros((q, buffer), jnp.int32),
-                            jnp.full((q, buffer), num_blocks, jnp.int32)))
+  first = lax.fori_loop(0, num_steps, search, jnp.zeros((q, buffer), jnp.int32))
   used = first < num_blocks
   block = jnp.minimum(first, num_blocks - 1)
   mask = jnp.take_along_axis(masks, block, axis=1)
