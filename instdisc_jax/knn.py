@@ -208,19 +208,12 @@ def nearest_neighbors(queries: jax.Array, rows: jax.Array, labels: jax.Array, *,
     padded_rows = jnp.pad(rows, ((0, width - rows.shape[0]), (0, 0)))
     buffer = min(candidate_buffer(k, layout.num_shards), width)
 
-  if by_threshold:
-    # Every similarity of a query lies within +-|q| max_i |v_i|: the bracket the threshold is
-    # searched in (a loose one costs candidates, never exactness). Rounding margin included.
-    max_norm = reduce_over_shards(jnp.max(jnp.linalg.norm(padded_rows, axis=1)), lax.pmax,
-                                  axis_name) * (1 + 1e-4)
-
   def one_chunk(q):
     q = q.astype(jnp.float32)
     if not by_threshold:
       return exact_chunk(q)
-    bound = jnp.linalg.norm(q, axis=1) * max_norm + jnp.finfo(jnp.float32).tiny
     values, local_ids, overflow = threshold_candidates(padded_rows @ q.T, num_real, k, buffer,
-                                                       axis_name, bounds=(-bound, bound))
+                                                       axis_name)
     candidates = (canonical(values), local_ids + offset,
                   labels[jnp.minimum(local_ids, layout.rows_per_shard - 1)])
     candidates, overflow = _candidates_of_my_queries(candidates, overflow, axis_name)
