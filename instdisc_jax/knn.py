@@ -49,7 +49,6 @@ from instdisc_jax.knn_select import candidate_buffer
 from instdisc_jax.knn_select import canonical
 from instdisc_jax.knn_select import group_size
 from instdisc_jax.knn_select import merge_top_k
-from instdisc_jax.knn_select import reduce_over_shards
 from instdisc_jax.knn_select import round_up
 from instdisc_jax.knn_select import select
 from instdisc_jax.knn_select import threshold_candidates
