@@ -7,8 +7,9 @@ neighbours N_k vote for their classes with weight alpha_i = exp(s_i / tau):
 
 Sharded: each device finds its candidates among its own rows (every row above a threshold shared
 by the shards, or its top k; chunked over queries and bank rows, so a 1.28M x 128 bank with 50k
-queries fits in memory), the candidates (similarity, global index, label) of all devices are
-all-gathered and merged. Communication is O(Q * k * D), independent of n.
+queries fits in memory); the candidates (similarity, global index, label) are exchanged so that
+each device merges every shard's candidates of its part of the queries, and the merged
+neighbours are all-gathered at the end. Communication is O(Q * k * D), independent of n.
 
 Ties are broken towards the lower global instance index everywhere (`lax.top_k` keeps the first
 of equal values, and candidates are merged in global index order), so results do not depend on
@@ -17,16 +18,16 @@ the number of shards or the chunk sizes.
 Selection. On a CPU, `lax.top_k` is a single-threaded partial sort, about 4 ns per entry plus
 a cost per row that grows with k; over a (Q, n) block of similarities it cost as much as the
 matmul that made them. On a CPU, when a shard fits in one bank chunk, the rows are therefore
-selected by a threshold (`threshold_candidates`): block maxima give a value T that at least k
-entries over all shards reach (found by bisection, the counts summed over shards), the entries
->= T (about 1.3 k for random unit vectors) are compacted in index order on each device,
-all-gathered, and one `lax.top_k` over D * `candidate_buffer` entries picks the k best. Every
-pass over the block is a vectorised reduction. A chunk whose candidates overflow a device's
-buffer (rare; data with many equal similarities) is selected again exactly with `lax.top_k` per
-shard and a merge, as are banks scored in several chunks and other backends (`top_k_of_prefix`:
-two stages through group maxima once rows are long against k, see `MIN_GROUP`). On a CPU host
-split into one device per core (as the trainer does), every device scores and selects its own
-shard, so all cores work on the kNN.
+selected by a threshold (knn_threshold.py): block maxima give a value T, shared by the shards,
+that at least k entries over all shards reach; each device compacts its entries >= T (about
+1.2 k over all shards for random unit vectors) in index order, and one `lax.top_k` over the
+D * `candidate_buffer` candidates of a query picks the k best. Every pass over the block is a
+vectorised reduction. A chunk whose candidates overflow a device's buffer (rare; data with many
+equal similarities) is selected again exactly with `lax.top_k` per shard and a merge, as are
+banks scored in several chunks and other backends (`top_k_of_prefix`: two stages through group
+maxima once rows are long against k, see `MIN_GROUP`). On a CPU host split into one device per
+core (as the trainer does), every device scores and selects its own shard and merges its part
+of the queries, so all cores work on the kNN.
 
 `approx_recall` switches the per-chunk selection to `lax.approx_max_k`, which is only faster on
 TPU (on CPU and GPU it is an exact top-k under another name).
@@ -42,16 +43,16 @@ from jax import lax
 import jax.numpy as jnp
 
 from instdisc_jax import sharding
-from instdisc_jax.knn_select import BLOCK
-from instdisc_jax.knn_select import CPU_QUERY_CHUNK
-from instdisc_jax.knn_select import SUPER_BLOCK
-from instdisc_jax.knn_select import candidate_buffer
 from instdisc_jax.knn_select import canonical
 from instdisc_jax.knn_select import group_size
 from instdisc_jax.knn_select import merge_top_k
 from instdisc_jax.knn_select import round_up
 from instdisc_jax.knn_select import select
-from instdisc_jax.knn_select import threshold_candidates
+from instdisc_jax.knn_threshold import BLOCK
+from instdisc_jax.knn_threshold import CPU_QUERY_CHUNK
+from instdisc_jax.knn_threshold import SUPER_BLOCK
+from instdisc_jax.knn_threshold import candidate_buffer
+from instdisc_jax.knn_threshold import threshold_candidates
 from instdisc_jax.sharding import AxisName
 from instdisc_jax.sharding import ShardLayout
 
@@ -109,15 +110,15 @@ def _candidates_of_my_queries(candidates, overflow, axis_name):
   and whether any shard overflowed. One all-to-all: every shard merges Q / D queries."""
   if axis_name is None:
     return candidates, overflow
-  num_shards = sharding.num_shards(axis_name)
+  shards = sharding.num_shards(axis_name)
   values, ids, labels = candidates
   flag = jnp.broadcast_to(overflow.astype(jnp.int32), ids.shape)
   packed = jnp.stack([lax.bitcast_convert_type(values, jnp.int32), ids, labels, flag])
   num_queries, width = ids.shape
-  packed = packed.reshape(4, num_shards, num_queries // num_shards, width)
+  packed = packed.reshape(4, shards, num_queries // shards, width)
   # Received: (4, D sources, Q / D, c) -> (4, Q / D, D * c).
   packed = lax.all_to_all(packed, axis_name, split_axis=1, concat_axis=1, tiled=True)
-  packed = packed.transpose(0, 2, 1, 3).reshape(4, num_queries // num_shards, -1)
+  packed = packed.transpose(0, 2, 1, 3).reshape(4, num_queries // shards, -1)
   values = lax.bitcast_convert_type(packed[0], jnp.float32)
   return (values, packed[1], packed[2]), jnp.any(packed[3] > 0)
 
@@ -202,36 +203,35 @@ def nearest_neighbors(queries: jax.Array, rows: jax.Array, labels: jax.Array, *,
 
   # GPU and TPU have a fast `lax.top_k`; the threshold selection was measured on CPUs only.
   by_threshold = on_cpu and approx_recall is None and layout.rows_per_shard <= bank_chunk
-  if by_threshold:
-    width = round_up(layout.rows_per_shard, BLOCK * SUPER_BLOCK)
-    padded_rows = jnp.pad(rows, ((0, width - rows.shape[0]), (0, 0)))
-    buffer = min(candidate_buffer(k, layout.num_shards), width)
+  num_queries = queries.shape[0]
+  # The threshold selection merges each chunk's candidates split over the shards: its chunks
+  # are a multiple of D queries (padded with zero queries, whose results are dropped).
+  query_chunk = round_up(min(query_chunk, num_queries), layout.num_shards if by_threshold else 1)
+  num_chunks = -(-num_queries // query_chunk)
+  chunks = jnp.pad(queries, ((0, num_chunks * query_chunk - num_queries), (0, 0)))
+  chunks = chunks.reshape(num_chunks, query_chunk, -1)
+  if not by_threshold:
+    out = lax.map(lambda q: exact_chunk(q.astype(jnp.float32)), chunks)
+    return jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:])[:num_queries], out)
+
+  width = round_up(layout.rows_per_shard, BLOCK * SUPER_BLOCK)
+  padded_rows = jnp.pad(rows, ((0, width - rows.shape[0]), (0, 0)))
+  buffer = min(candidate_buffer(k, layout.num_shards), width)
 
   def one_chunk(q):
     q = q.astype(jnp.float32)
-    if not by_threshold:
-      return exact_chunk(q)
     values, local_ids, overflow = threshold_candidates(padded_rows @ q.T, num_real, k, buffer,
                                                        axis_name)
     candidates = (canonical(values), local_ids + offset,
                   labels[jnp.minimum(local_ids, layout.rows_per_shard - 1)])
     candidates, overflow = _candidates_of_my_queries(candidates, overflow, axis_name)
-    # Rare (about 1.3 k candidates are expected over all shards, up to 2 k + 32 D fit): the
+    # Rare (about 1.2 k candidates are expected over all shards, up to 2 k + 32 D fit): the
     # whole chunk is selected again by `lax.top_k`, on every shard alike.
     return lax.cond(overflow, lambda: _my_queries(exact_chunk(q), axis_name),
                     lambda: _best_of_candidates(candidates, k))
 
-  num_queries = queries.shape[0]
-  # The threshold selection merges each chunk's candidates split over the shards: its chunks
-  # are a multiple of D queries (padded with zero queries, whose results are dropped), and each
-  # shard returns the neighbours of its part, gathered once for all chunks at the end.
-  multiple = layout.num_shards if by_threshold else 1
-  query_chunk = round_up(min(query_chunk, num_queries), multiple)
-  num_chunks = -(-num_queries // query_chunk)
-  padded = jnp.pad(queries, ((0, num_chunks * query_chunk - num_queries), (0, 0)))
-  out = lax.map(one_chunk, padded.reshape(num_chunks, query_chunk, -1))
-  if by_threshold:
-    out = _gather_my_queries(out, axis_name)
+  # Each shard returns the neighbours of its part of every chunk, gathered once at the end.
+  out = _gather_my_queries(lax.map(one_chunk, chunks), axis_name)
   return jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:])[:num_queries], out)
 
 

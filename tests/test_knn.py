@@ -8,6 +8,7 @@ import reference_numpy as ref
 
 from instdisc_jax import knn
 from instdisc_jax import knn_select
+from instdisc_jax import knn_threshold
 from instdisc_jax.sharding import ShardLayout
 
 AXIS = "devices"
@@ -46,6 +47,8 @@ def data():
 @pytest.mark.parametrize("num_shards,chunking", [
     (None, {}),
     (None, dict(query_chunk=8, bank_chunk=32)),
+    (2, {}),
+    (2, dict(query_chunk=6)),
     (8, {}),
     (8, dict(query_chunk=16, bank_chunk=8)),
 ])
@@ -141,6 +144,7 @@ def test_two_stage_selection_is_top_k_of_the_prefix(group, num_valid):
 @pytest.mark.parametrize("num_shards,k,chunking", [
     (None, 12, {}),
     (None, 5, dict(query_chunk=4, bank_chunk=100)),
+    (2, 5, {}),
     (8, 5, {}),
     (8, 5, dict(bank_chunk=80)),
 ])
@@ -183,6 +187,35 @@ def test_threshold_candidates_are_every_entry_above_a_bound_on_the_kth(num_valid
     np.testing.assert_array_equal(positions[j][used], expected)
     np.testing.assert_array_equal(values[j][used], real[expected, j])
     assert values[j][used].min() <= kth and used.sum() >= k
+
+
+@pytest.mark.parametrize("num_shards", [2, 3, 8])
+def test_sharded_threshold_is_shared_and_at_most_the_kth(num_shards):
+  """On D shards (unrefined on 2, refined on 3 and 8; the last shard part padding): every shard
+  uses the same T, T <= the k-th largest real entry over all shards, and each shard's
+  candidates are exactly its real entries >= T, in position order."""
+  rng = np.random.default_rng(7)
+  n, q, k, buffer = 5000, 5, 40, 128
+  layout = ShardLayout(n, num_shards)
+  width = -(-layout.rows_per_shard // 64) * 64
+  scores = rng.normal(size=(n, q)).astype(np.float32)
+  shards = np.full((num_shards, width, q), 9.0, np.float32)     # padding that would win
+  shards[:, :layout.rows_per_shard] = layout.shard_array(scores)
+  select = jax.pmap(lambda s, valid: knn_threshold.threshold_candidates(s, valid, k, buffer,
+                                                                         AXIS), axis_name=AXIS)
+  values, positions, overflow = select(jnp.asarray(shards), jnp.asarray(layout.real_rows()))
+  assert not np.any(overflow)
+  kth = np.sort(scores, axis=0)[::-1][k - 1]
+  used = np.isfinite(values)
+  thresholds = [[values[d, j][used[d, j]].min() for d in range(num_shards)] for j in range(q)]
+  for j in range(q):
+    threshold = min(thresholds[j])
+    assert threshold <= kth[j] and used[:, j].sum() >= k
+    for d in range(num_shards):
+      real = shards[d, :layout.real_rows()[d], j]
+      expected = np.flatnonzero(real >= threshold)
+      np.testing.assert_array_equal(positions[d, j][used[d, j]], expected)
+      np.testing.assert_array_equal(values[d, j][used[d, j]], real[expected])
 
 
 def test_overflowing_candidates_fall_back_to_the_exact_selection(monkeypatch):
