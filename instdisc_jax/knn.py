@@ -206,10 +206,11 @@ def nearest_neighbors(queries: jax.Array, rows: jax.Array, labels: jax.Array, *,
   num_queries = queries.shape[0]
   # The threshold selection merges each chunk's candidates split over the shards: its chunks
   # are a multiple of D queries (padded with zero queries, whose results are dropped).
-  query_chunk = round_up(min(query_chunk, num_queries), layout.num_shards if by_threshold else 1)
+  query_chunk = round_up(max(1, min(query_chunk, num_queries)),
+                         layout.num_shards if by_threshold else 1)
   num_chunks = -(-num_queries // query_chunk)
   chunks = jnp.pad(queries, ((0, num_chunks * query_chunk - num_queries), (0, 0)))
-  chunks = chunks.reshape(num_chunks, query_chunk, -1)
+  chunks = chunks.reshape(num_chunks, query_chunk, queries.shape[1])
   if not by_threshold:
     out = lax.map(lambda q: exact_chunk(q.astype(jnp.float32)), chunks)
     return jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:])[:num_queries], out)

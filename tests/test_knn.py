@@ -233,3 +233,16 @@ def test_overflowing_candidates_fall_back_to_the_exact_selection(monkeypatch):
                                   num_shards=num_shards)
       np.testing.assert_array_equal(neighbors.indices, expected_order)
       np.testing.assert_allclose(scores, expected_scores, rtol=1e-5)
+
+
+@pytest.mark.parametrize("num_shards", [None, 2, 8])
+def test_fewer_queries_than_shards_and_none(data, num_shards):
+  """0 queries give (0, k) results; 1 query on 8 shards (padded to a chunk of 8) its own."""
+  bank, labels, queries = data
+  for count in (0, 1):
+    neighbors, _ = run_knn(queries[:count], bank, labels, k=20, num_classes=7,
+                           num_shards=num_shards)
+    assert neighbors.indices.shape == (count, 20)
+    if count:
+      np.testing.assert_array_equal(neighbors.indices,
+                                    ref.knn(queries[:count], bank, labels, 20, TAU, 7)[1])
