@@ -3,14 +3,17 @@
 Quiet fallback: when one read of a restore fails, orbax abandons the checkpoint's other reads and
 closes its event loop; tensorstore then completes those reads and cannot deliver them to the
 closed loop, and Python prints each such "Event loop is closed" error (hundreds for a large
-state), each read coroutine left un-awaited with a read error of its own, and asyncio logs each
+state), each read coroutine left un-awaited with a read error of its own, asyncio logs each
 read task whose error nobody retrieved ("Task exception was never retrieved", with a traceback,
-whenever the task is garbage-collected). And a reader of a
+whenever the task is garbage-collected), and Python warns of each of orbax's coroutines that was
+created but never awaited (a RuntimeWarning, often only when the interpreter exits). And a reader of a
 running run may list a checkpoint that the run deletes (`keep_checkpoints`) before it is read:
 orbax then logs "Metadata file does not exist" for it. None of these carry information (a
 checkpoint that cannot be used is named in the `Checkpointer`'s own warning, one that vanished
 is passed over on purpose), so `install_quiet_fallback` drops exactly these, from
-`sys.unraisablehook`, asyncio's logger and orbax's (absl's) logger, and passes everything else on.
+`sys.unraisablehook`, asyncio's logger, the warning of an unawaited coroutine (the hook
+`warnings._warn_unawaited_coroutine`, through which CPython issues it; kept where absent) and
+orbax's (absl's) logger, and passes everything else on: what it drops comes from code in orbax.
 
 Test hook: with the environment variable `INSTDISC_TEST_CHECKPOINT_WRITE_DELAY_S` set to a number
 of seconds, the background part of every save first sleeps that long, so tests can act (e.g.
@@ -25,6 +28,7 @@ import dataclasses
 import logging
 import os
 import sys
+import warnings
 
 import orbax.checkpoint as ocp
 
@@ -42,8 +46,7 @@ def _is_abandoned_read_callback(unraisable) -> bool:
   coroutine finalised with its own read error, never awaited."""
   code = getattr(unraisable.object, "cr_code", None)
   if code is not None:
-    return (code.co_name == "_read_array_index_and_device_put"
-            and f"{os.sep}orbax{os.sep}" in code.co_filename)
+    return _in_orbax(code)
   error = unraisable.exc_value
   if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"):
     return False
@@ -62,21 +65,54 @@ class _MissingStepMetadataFilter(logging.Filter):
     return record.msg != _MISSING_METADATA
 
 
+_NEVER_RETRIEVED = ("Task exception was never retrieved", "Future exception was never retrieved")
+
+
+def _is_read_error(error: BaseException) -> bool:
+  """Whether `error` was raised by orbax's code or is tensorstore's (set on a future from C++,
+  such errors carry no Python frame, only tensorstore's spec in their text)."""
+  traceback = error.__traceback__
+  if traceback is None:
+    return "tensorstore" in str(error)
+  while traceback is not None:
+    if _in_orbax(traceback.tb_frame.f_code):
+      return True
+    traceback = traceback.tb_next
+  return False
+
+
 class _AbandonedReadTaskFilter(logging.Filter):
-  """Drops asyncio's "Task exception was never retrieved" for a task that failed in orbax's code
-  (an abandoned read of a failed restore, see the module doc); keeps it for every other task."""
+  """Drops asyncio's "Task/Future exception was never retrieved" for an abandoned read of a failed
+  restore (see the module doc): an error of orbax's code or of tensorstore; keeps the others."""
 
   def filter(self, record: logging.LogRecord) -> bool:
-    if not (isinstance(record.msg, str)
-            and record.msg.startswith("Task exception was never retrieved")
-            and record.exc_info and record.exc_info[2] is not None):
+    if not (isinstance(record.msg, str) and record.msg.startswith(_NEVER_RETRIEVED)
+            and record.exc_info and record.exc_info[1] is not None):
       return True
-    return f"{os.sep}orbax{os.sep}" not in record.exc_info[2].tb_frame.f_code.co_filename
+    return not _is_read_error(record.exc_info[1])
 
 
 def _add_filter_once(logger: logging.Logger, kind: type) -> None:
   if not any(isinstance(f, kind) for f in logger.filters):
     logger.addFilter(kind())
+
+
+def _in_orbax(code) -> bool:
+  return code is not None and f"{os.sep}orbax{os.sep}" in code.co_filename
+
+
+def _quiet_unawaited_orbax_coroutines() -> None:
+  """Drops CPython's warning of a never-awaited coroutine when orbax's code defines it."""
+  previous = getattr(warnings, "_warn_unawaited_coroutine", None)
+  if previous is None or getattr(previous, "instdisc_quiet_fallback", False):
+    return
+
+  def warn(coroutine):
+    if not _in_orbax(getattr(coroutine, "cr_code", None)):
+      previous(coroutine)
+
+  warn.instdisc_quiet_fallback = True
+  warnings._warn_unawaited_coroutine = warn  # pylint: disable=protected-access
 
 
 def install_quiet_fallback() -> None:
@@ -85,6 +121,7 @@ def install_quiet_fallback() -> None:
   Installs each once, however often called."""
   _add_filter_once(logging.getLogger("asyncio"), _AbandonedReadTaskFilter)
   _add_filter_once(logging.getLogger("absl"), _MissingStepMetadataFilter)
+  _quiet_unawaited_orbax_coroutines()
   previous = sys.unraisablehook
   if getattr(previous, "instdisc_quiet_fallback", False):
     return

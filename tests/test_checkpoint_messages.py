@@ -61,15 +61,17 @@ def checkpoint(workdir, step: int) -> str:
   return os.path.join(workdir, "checkpoints", str(step))
 
 
-def truncate_largest_chunk(workdir, step: int) -> None:
-  """Cuts the largest data file of the state to 64 bytes (tensorstore fails reading it; half of
-  it can hold every value still referenced, since OCDBT files also keep superseded ones)."""
+def truncate_data_files(workdir, step: int) -> None:
+  """Cuts every data file of the state to 64 bytes, so tensorstore fails reading it. (Cutting only
+  the largest was not always enough: a state written in several files may keep values no longer
+  referenced, and the largest file was then not read at all.)"""
   chunks = os.path.join(checkpoint(workdir, step), "state", "ocdbt.process_0", "d")
-  path = max((os.path.join(chunks, name) for name in os.listdir(chunks)), key=os.path.getsize)
-  with open(path, "rb") as f:
-    content = f.read()
-  with open(path, "wb") as f:
-    f.write(content[:64])
+  for name in os.listdir(chunks):
+    path = os.path.join(chunks, name)
+    with open(path, "rb") as f:
+      content = f.read()
+    with open(path, "wb") as f:
+      f.write(content[:64])
 
 
 def delete_state_index(workdir, step: int) -> None:
@@ -118,7 +120,7 @@ def hashes(directory) -> dict:
 
 def test_training_falls_back_past_a_damaged_newest_checkpoint_with_one_warning(workdir, flags,
                                                                                 env):
-  truncate_largest_chunk(workdir, 12)
+  truncate_data_files(workdir, 12)
   # A run stopped before its final evaluation: a finished run (with results.json) reruns nothing.
   os.remove(os.path.join(workdir, "results.json"))
   rerun = tiny_run.run_main(workdir, *flags, env=env)
@@ -140,12 +142,14 @@ def test_evaluator_falls_back_past_a_damaged_newest_checkpoint_with_one_warning(
 
 
 def test_evaluator_with_every_checkpoint_damaged_says_so_in_one_line(workdir, env):
-  truncate_largest_chunk(workdir, 12)
+  truncate_data_files(workdir, 12)
   delete_state_index(workdir, 9)
   before = hashes(workdir)
   evaluated = evaluate(workdir, env)
   assert evaluated.returncode == 2, evaluated.stderr
-  first, second, error = messages(evaluated.stderr)
+  lines = messages(evaluated.stderr)
+  assert len(lines) == 3, evaluated.stderr
+  first, second, error = lines
   assert unreadable_warning(workdir, 12, "restoring the previous one (step 9)").match(first)
   assert unreadable_warning(workdir, 9, "no older checkpoint").match(second)
   assert error == f"error: no checkpoint of {workdir} could be read (see the warnings above)"

@@ -12,6 +12,7 @@ import os
 import shutil
 import sys
 import types
+import warnings
 
 import jax
 import numpy as np
@@ -408,9 +409,9 @@ def _task_failing_in(filename: str):
 
 
 def test_abandoned_orbax_read_tasks_are_not_reported_and_other_tasks_are(caplog, monkeypatch):
-  """asyncio's "Task exception was never retrieved" (logged with a traceback when the task is
-  collected) is dropped for a read task of orbax's abandoned by a failed restore, kept for any
-  other."""
+  """asyncio's "Task/Future exception was never retrieved" (logged when the task or future is
+  collected) is dropped for a read of orbax's or tensorstore's abandoned by a failed restore,
+  kept for any other."""
   asyncio_logger = logging.getLogger("asyncio")
   monkeypatch.setattr(asyncio_logger, "filters", list(asyncio_logger.filters))  # Restored after.
   checkpoint_orbax.install_quiet_fallback()
@@ -419,9 +420,38 @@ def test_abandoned_orbax_read_tasks_are_not_reported_and_other_tasks_are(caplog,
       task = _task_failing_in(os.path.join("site", where, "serialization.py"))
       del task
       gc.collect()
+    # A future whose error tensorstore set from C++ (no Python frame): dropped; another: kept.
+    for error in (ValueError("NOT_FOUND: Error opening \"zarr\" driver [tensorstore_spec='{}']"),
+                  ValueError("mine")):
+      loop = asyncio.new_event_loop()
+      future = loop.create_future()
+      future.set_exception(error)
+      loop.close()
+      del future, error
+      gc.collect()
   reported = [r for r in caplog.records if "never retrieved" in r.getMessage()]
-  assert len(reported) == 1
+  assert len(reported) == 2
   assert f"{os.sep}mine{os.sep}" in reported[0].exc_info[2].tb_frame.f_code.co_filename
+  assert str(reported[1].exc_info[1]) == "mine"
+
+
+def test_unawaited_orbax_coroutines_are_not_warned_of_and_others_are(monkeypatch):
+  """Python's RuntimeWarning for a coroutine created and never awaited: dropped when orbax's code
+  defines it (an abandoned read of a failed restore), kept for any other."""
+  monkeypatch.setattr(warnings, "_warn_unawaited_coroutine", warnings._warn_unawaited_coroutine)
+  checkpoint_orbax.install_quiet_fallback()
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    for where in ("orbax", "mine"):
+      namespace = {}
+      exec(compile("async def _get_array_metadatas():\n  pass\n",
+                   os.path.join("site", where, "store.py"), "exec"), namespace)
+      coroutine = namespace["_get_array_metadatas"]()
+      del coroutine
+      gc.collect()
+  unawaited = [w for w in caught if "was never awaited" in str(w.message)]
+  assert len(unawaited) == 1 and issubclass(unawaited[0].category, RuntimeWarning)
+  assert f"{os.sep}mine{os.sep}" in unawaited[0].source.cr_code.co_filename
 
 
 def test_orbax_warning_about_missing_step_metadata_is_dropped(saved, caplog, monkeypatch):
