@@ -104,6 +104,17 @@ def _shard_top_k(queries, rows, num_real, k, bank_chunk, approx_recall):
   return best, best_ids
 
 
+def _packed(values, ids, labels, *more) -> jax.Array:
+  """float32 values, int32 ids and labels (and more int32 arrays) of one shape, stacked as int32
+  (the values as their bits), so that one collective moves them all."""
+  return jnp.stack([lax.bitcast_convert_type(values, jnp.int32), ids, labels, *more])
+
+
+def _unpacked(packed: jax.Array):
+  """`_packed`'s arrays back: (values, ids, labels, *more)."""
+  return (lax.bitcast_convert_type(packed[0], jnp.float32), *packed[1:])
+
+
 def _candidates_of_my_queries(candidates, overflow, axis_name):
   """Each shard's (values, global ids, labels) candidates (Q, c) -> all shards' candidates of
   this shard's part of the queries, (Q / D, D * c) in shard order (so in global index order),
@@ -113,14 +124,13 @@ def _candidates_of_my_queries(candidates, overflow, axis_name):
   shards = sharding.num_shards(axis_name)
   values, ids, labels = candidates
   flag = jnp.broadcast_to(overflow.astype(jnp.int32), ids.shape)
-  packed = jnp.stack([lax.bitcast_convert_type(values, jnp.int32), ids, labels, flag])
   num_queries, width = ids.shape
-  packed = packed.reshape(4, shards, num_queries // shards, width)
+  packed = _packed(values, ids, labels, flag).reshape(4, shards, num_queries // shards, width)
   # Received: (4, D sources, Q / D, c) -> (4, Q / D, D * c).
   packed = lax.all_to_all(packed, axis_name, split_axis=1, concat_axis=1, tiled=True)
-  packed = packed.transpose(0, 2, 1, 3).reshape(4, num_queries // shards, -1)
-  values = lax.bitcast_convert_type(packed[0], jnp.float32)
-  return (values, packed[1], packed[2]), jnp.any(packed[3] > 0)
+  values, ids, labels, flag = _unpacked(
+      packed.transpose(0, 2, 1, 3).reshape(4, num_queries // shards, -1))
+  return (values, ids, labels), jnp.any(flag > 0)
 
 
 def _best_of_candidates(candidates, k: int) -> "Neighbors":
@@ -144,11 +154,9 @@ def _gather_my_queries(neighbors: "Neighbors", axis_name) -> "Neighbors":
   """(chunks, Q / D, k) parts of every shard -> (chunks, Q, k) on all, in one all-gather."""
   if axis_name is None:
     return neighbors
-  packed = jnp.stack([lax.bitcast_convert_type(neighbors.scores, jnp.int32), neighbors.indices,
-                      neighbors.labels])
-  packed = lax.all_gather(packed, axis_name, axis=2, tiled=True)
-  return Neighbors(scores=lax.bitcast_convert_type(packed[0], jnp.float32), indices=packed[1],
-                   labels=packed[2])
+  packed = _packed(neighbors.scores, neighbors.indices, neighbors.labels)
+  scores, indices, labels = _unpacked(lax.all_gather(packed, axis_name, axis=2, tiled=True))
+  return Neighbors(scores=scores, indices=indices, labels=labels)
 
 
 def nearest_neighbors(queries: jax.Array, rows: jax.Array, labels: jax.Array, *,
