@@ -246,3 +246,18 @@ def test_fewer_queries_than_shards_and_none(data, num_shards):
     if count:
       np.testing.assert_array_equal(neighbors.indices,
                                     ref.knn(queries[:count], bank, labels, 20, TAU, 7)[1])
+
+
+def test_vote_is_the_one_hot_product_bit_for_bit():
+  """The CPU's scatter-add sums each class in neighbour order, as the one-hot product does."""
+  rng = np.random.default_rng(8)
+  scores = np.sort(rng.uniform(-1, 1, size=(50, 30)).astype(np.float32), axis=1)[:, ::-1]
+  scores[:, -3:] = -np.inf                                      # missing rows
+  labels = rng.integers(-1, 12, size=scores.shape).astype(np.int32)   # -1 and >= 10: no vote
+  neighbors = knn.Neighbors(scores=jnp.asarray(scores), indices=jnp.zeros(scores.shape, int),
+                            labels=jnp.asarray(labels))
+  vote = jax.jit(knn.weighted_vote, static_argnames=("num_classes", "temperature"))
+  got = vote(neighbors, num_classes=10, temperature=TAU)
+  one_hot = jax.nn.one_hot(labels, 10, dtype=jnp.float32)
+  expected = jax.jit(lambda w, h: jnp.einsum("qk,qkc->qc", jnp.exp(w / TAU), h))(scores, one_hot)
+  np.testing.assert_array_equal(got, expected)
