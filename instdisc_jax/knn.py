@@ -20,11 +20,14 @@ a cost per row that grows with k; over a (Q, n) block of similarities it cost as
 matmul that made them. On a CPU, when a shard fits in one bank chunk, the rows are therefore
 selected by a threshold (knn_threshold.py): block maxima give a value T, shared by the shards,
 that at least k entries over all shards reach; each device compacts its entries >= T (about
-1.2 k over all shards for random unit vectors) in index order, and one `lax.top_k` over the
-D * `candidate_buffer` candidates of a query picks the k best. Every pass over the block is a
-vectorised reduction. A chunk whose candidates overflow a device's buffer (rare; data with many
-equal similarities) is selected again exactly with `lax.top_k` per shard and a merge, as are
-banks scored in several chunks and other backends (`top_k_of_prefix`: two stages through group
+1.2 k over all shards for random unit vectors) in index order, and after the last chunk a
+sorting network over the D * `candidate_buffer` candidates of each of its queries, vectorised
+over the queries (`knn_select.network_top_k`: the same result as `lax.top_k`, in 55-60 % of its
+time), picks the k best. Every pass over the block is a vectorised reduction. The candidates of
+a device's Q / D queries are kept until then, 2 k + 32 D each: Q (2 k / D + 32) entries, about
+the size of the (Q, k) result every device holds. A chunk whose candidates overflow a device's
+buffer (rare; data with many equal similarities) is selected again exactly with `lax.top_k` per
+shard and a merge, as are banks scored in several chunks and other backends (`top_k_of_prefix`: two stages through group
 maxima once rows are long against k, see `MIN_GROUP`). On a CPU host split into one device per
 core (as the trainer does), every device scores and selects its own shard and merges its part
 of the queries, so all cores work on the kNN.
@@ -46,6 +49,7 @@ from instdisc_jax import sharding
 from instdisc_jax.knn_select import canonical
 from instdisc_jax.knn_select import group_size
 from instdisc_jax.knn_select import merge_top_k
+from instdisc_jax.knn_select import network_top_k
 from instdisc_jax.knn_select import round_up
 from instdisc_jax.knn_select import select
 from instdisc_jax.knn_threshold import BLOCK
@@ -133,12 +137,10 @@ def _candidates_of_my_queries(candidates, overflow, axis_name):
   return (values, ids, labels), jnp.any(flag > 0)
 
 
-def _best_of_candidates(candidates, k: int) -> "Neighbors":
-  """The k best of each query's candidates (in global index order, so ties go to the lower)."""
-  values, ids, labels = candidates
-  best, pos = lax.top_k(values, k)
-  ids, labels = (jnp.take_along_axis(x, pos, axis=1) for x in (ids, labels))
-  return Neighbors(scores=best, indices=ids, labels=labels)
+def _as_candidates(neighbors: "Neighbors", width: int):
+  """(values, ids, labels) candidates (Q, width) holding these neighbours (-inf after them)."""
+  pad = lambda x, fill: jnp.pad(x, ((0, 0), (0, width - x.shape[1])), constant_values=fill)
+  return pad(neighbors.scores, _MASKED), pad(neighbors.indices, 0), pad(neighbors.labels, 0)
 
 
 def _my_queries(neighbors: "Neighbors", axis_name) -> "Neighbors":
@@ -232,15 +234,26 @@ def nearest_neighbors(queries: jax.Array, rows: jax.Array, labels: jax.Array, *,
     values, local_ids, overflow = threshold_candidates(padded_rows @ q.T, num_real, k, buffer,
                                                        axis_name)
     candidates = (canonical(values), local_ids + offset,
-                  labels[jnp.minimum(local_ids, layout.rows_per_shard - 1)])
+                  labels.at[jnp.minimum(local_ids, layout.rows_per_shard - 1)].get(
+                      mode="promise_in_bounds"))
     candidates, overflow = _candidates_of_my_queries(candidates, overflow, axis_name)
     # Rare (about 1.2 k candidates are expected over all shards, up to 2 k + 32 D fit): the
-    # whole chunk is selected again by `lax.top_k`, on every shard alike.
-    return lax.cond(overflow, lambda: _my_queries(exact_chunk(q), axis_name),
-                    lambda: _best_of_candidates(candidates, k))
+    # whole chunk is selected again by `lax.top_k`, on every shard alike, and its k best stand
+    # in for the candidates.
+    slots = candidates[0].shape[1]
+    return lax.cond(overflow,
+                    lambda: _as_candidates(_my_queries(exact_chunk(q), axis_name), slots),
+                    lambda: candidates)
 
-  # Each shard returns the neighbours of its part of every chunk, gathered once at the end.
-  out = _gather_my_queries(lax.map(one_chunk, chunks), axis_name)
+  # Every chunk's candidates of this shard's part of its queries, (chunks * Q / D, D * buffer),
+  # are sorted together at the end: the network runs over many queries at once.
+  values, ids, cand_labels = (x.reshape(-1, x.shape[-1]) for x in lax.map(one_chunk, chunks))
+  best, pos = network_top_k(values, k)
+  part = (num_chunks, query_chunk // layout.num_shards, k)
+  picked = lambda x: jnp.take_along_axis(x, pos, axis=1, mode="promise_in_bounds").reshape(part)
+  out = Neighbors(scores=best.reshape(part), indices=picked(ids), labels=picked(cand_labels))
+  # Each shard holds the neighbours of its part of every chunk, gathered once at the end.
+  out = _gather_my_queries(out, axis_name)
   return jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:])[:num_queries], out)
 
 

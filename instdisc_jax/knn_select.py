@@ -8,6 +8,9 @@ breaking ties towards the lower global instance index:
 * `top_k_of_prefix`: `lax.top_k` per shard (two stages through group maxima once rows are long
   against k, `MIN_GROUP`), then a merge (`merge_top_k`).
 
+The threshold selection's candidates from all shards are then sorted by `network_top_k`, a
+sorting network vectorised over the queries, in place of XLA:CPU's scalar `lax.top_k`.
+
 See `knn`'s docstring for why (XLA:CPU's TopK is single-threaded and costs as much as the
 matmul) and docs/benchmarks.md for the measurements.
 """
@@ -19,6 +22,7 @@ import math
 import jax
 from jax import lax
 import jax.numpy as jnp
+import numpy as np
 
 _MASKED = -jnp.inf
 
@@ -126,3 +130,76 @@ def merge_top_k(values_a, ids_a, values_b, ids_b, k):
   ids = jnp.concatenate([ids_a, ids_b], axis=-1)
   best, pos = lax.top_k(values, k)
   return best, jnp.take_along_axis(ids, pos, axis=-1)
+
+
+# Queries sorted together by `network_top_k`: the (padded candidates, queries) block of each
+# compare-exchange stage stays in cache. Measured on a 2-core CPU (5,120 queries per device, 464
+# candidates, k = 200, 2 devices): 46 ms with 64 queries, 57 ms with 128, 63 ms with 256;
+# `lax.top_k` 78-82 ms.
+NETWORK_BATCH = 64
+
+
+def network_top_k(values: jax.Array, k: int, batch: int = NETWORK_BATCH):
+  """`lax.top_k` of each row of `values` (Q, C), by a bitonic sorting network.
+
+  The same result as `lax.top_k` (larger values first, equal values by lower position) for
+  values without NaN and without -0.0 (see `canonical`). XLA:CPU's `lax.top_k` is a scalar
+  partial sort per row (a heap: about 15 us per row of 464 with k = 200); the network's
+  compare-exchange stages are elementwise ops over `batch` queries at a time (log2(P) (log2(P) +
+  1) / 2 stages over the rows padded to P, a power of two; the last ones over fewer rows).
+
+  Returns:
+    (values, positions), each (Q, k), best first.
+  """
+  num_rows, width = values.shape
+  assert k <= width, (k, width)
+  batch = max(1, min(batch, num_rows))
+  num_batches = -(-num_rows // batch)
+  padded = jnp.pad(values, ((0, num_batches * batch - num_rows), (0, 0)))
+
+  def sort_batch(block):                                        # (batch, C) -> (batch, k) each
+    best, positions = _bitonic_sort(block.T, k)
+    return best.T, positions.T
+
+  best, positions = lax.map(sort_batch, padded.reshape(num_batches, batch, width))
+  return best.reshape(-1, k)[:num_rows], positions.reshape(-1, k)[:num_rows]
+
+
+def _bitonic_sort(values: jax.Array, keep: int):
+  """The `keep` best of each column of `values` (C, B), sorted best first (larger value, then
+  lower position): (values, positions), (keep, B) each.
+
+  The columns are padded to P, a power of two, with -inf after the last position. Stage (s, j)
+  of the network compares the entries j apart within blocks of 2 j, keeping the better first in
+  blocks of s entries whose index is even (descending runs) and the worse first in the others;
+  after the stages of s = P the column is descending. There each stage splits a bitonic run in
+  two, every entry of the first half at least as good as every entry of the second, so the
+  second half is dropped once `keep` entries fit in the first. Each stage is one elementwise
+  pass over the (P, B) block (as (P / 2j, 2, j, B): the a and b halves), vectorised over the B
+  queries; (value, position) pairs compare lexicographically, so ties keep the lower position
+  first, as `lax.top_k`'s.
+  """
+  width, columns = values.shape
+  size = 1 << max(0, (width - 1).bit_length())
+  values = jnp.pad(values, ((0, size - width), (0, 0)), constant_values=_MASKED)
+  positions = jnp.broadcast_to(jnp.arange(size, dtype=jnp.int32)[:, None], (size, columns))
+  span = 2
+  while span <= size:
+    distance = span // 2
+    while distance >= 1:
+      rows = values.shape[0]
+      shape = (rows // (2 * distance), 2, distance, columns)
+      v, p = values.reshape(shape), positions.reshape(shape)
+      a_first = (v[:, 0] > v[:, 1]) | ((v[:, 0] == v[:, 1]) & (p[:, 0] < p[:, 1]))
+      block_start = np.arange(rows // (2 * distance)) * 2 * distance
+      descending = jnp.asarray((block_start & span) == 0)[:, None, None]
+      swap = a_first != descending
+      values, positions = (
+          jnp.stack([jnp.where(swap, x[:, 1], x[:, 0]), jnp.where(swap, x[:, 0], x[:, 1])],
+                    axis=1).reshape(rows, columns)
+          for x in (v, p))
+      if span == size and keep <= distance:
+        values, positions = values[:distance], positions[:distance]
+      distance //= 2
+    span *= 2
+  return values[:keep], positions[:keep]

@@ -158,6 +158,11 @@ def threshold_from_bounds(bounds: jax.Array, super_max: jax.Array, k: int,
   return jnp.where(found, lo, _MASKED)
 
 
+def _at(x: jax.Array, rows: jax.Array) -> jax.Array:
+  """x[rows[i, q], q]: look-ups whose rows are in range by construction (no clamping)."""
+  return jnp.take_along_axis(x, rows, axis=0, mode="promise_in_bounds")
+
+
 def candidates_above(scores: jax.Array, num_valid: jax.Array, threshold: jax.Array,
                      buffer: int):
   """Every real entry >= threshold (Q,), in position order.
@@ -190,16 +195,16 @@ def candidates_above(scores: jax.Array, num_valid: jax.Array, threshold: jax.Arr
 
   def search(i, first):
     probe = first + jnp.left_shift(1, num_steps - 1 - i)
-    below = jnp.take_along_axis(inclusive, jnp.minimum(probe, num_blocks) - 1, axis=0) <= slots
+    below = _at(inclusive, jnp.minimum(probe, num_blocks) - 1) <= slots
     return jnp.where((probe <= num_blocks) & below, probe, first)
 
   # A loop, not unrolled: XLA would fuse the steps and recompute the chain per use.
   first = lax.fori_loop(0, num_steps, search, jnp.zeros((buffer, scores.shape[1]), jnp.int32))
   used = first < num_blocks
   block = jnp.minimum(first, num_blocks - 1)
-  mask = jnp.take_along_axis(masks, block, axis=0)
+  mask = _at(masks, block)
   # This slot is the entry of rank r among its block's entries >= T: the r-th set bit.
-  rank = slots - jnp.take_along_axis(inclusive, block, axis=0) + lax.population_count(mask)
+  rank = slots - _at(inclusive, block) + lax.population_count(mask)
 
   # Its offset by halving: with c set bits in the lower half, the entry lies in the upper half
   # (offset + half, rank - c) if rank >= c; log2(BLOCK) steps. A loop, whose results XLA
@@ -215,7 +220,7 @@ def candidates_above(scores: jax.Array, num_valid: jax.Array, threshold: jax.Arr
   offset, _, _ = lax.fori_loop(0, BLOCK.bit_length() - 1, halve,
                                (jnp.zeros_like(block), rank, mask))
   position = jnp.where(used, block * BLOCK + offset, 0)
-  value = jnp.where(used, jnp.take_along_axis(scores, position, axis=0), _MASKED)
+  value = jnp.where(used, _at(scores, position), _MASKED)
   return value.T, position.T, overflow
 
 

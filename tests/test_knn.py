@@ -248,6 +248,20 @@ def test_fewer_queries_than_shards_and_none(data, num_shards):
                                     ref.knn(queries[:count], bank, labels, 20, TAU, 7)[1])
 
 
+@pytest.mark.parametrize("rows,width,k,batch", [
+    (37, 464, 200, 16), (130, 513, 7, 64), (5, 1, 1, 64), (64, 96, 96, 64), (0, 40, 20, 64)])
+def test_sorting_network_is_lax_top_k(rows, width, k, batch):
+  """Values, positions and tie order of `lax.top_k`: many ties, -inf entries, any width."""
+  rng = np.random.default_rng(7)
+  values = rng.integers(-4, 5, size=(rows, width)).astype(np.float32) / 4
+  values[rng.random(values.shape) < 0.3] = -np.inf
+  select = jax.jit(knn_select.network_top_k, static_argnames=("k", "batch"))
+  best, positions = select(jnp.asarray(values), k=k, batch=batch)
+  expected_best, expected_positions = jax.jit(jax.lax.top_k, static_argnums=1)(values, k)
+  np.testing.assert_array_equal(best, expected_best)
+  np.testing.assert_array_equal(positions, expected_positions)
+
+
 def test_vote_is_the_one_hot_product_bit_for_bit():
   """The CPU's scatter-add sums each class in neighbour order, as the one-hot product does."""
   rng = np.random.default_rng(8)
