@@ -108,33 +108,33 @@ def _shard_top_k(queries, rows, num_real, k, bank_chunk, approx_recall):
   return best, best_ids
 
 
-def _packed(values, ids, labels, *more) -> jax.Array:
-  """float32 values, int32 ids and labels (and more int32 arrays) of one shape, stacked as int32
-  (the values as their bits), so that one collective moves them all."""
-  return jnp.stack([lax.bitcast_convert_type(values, jnp.int32), ids, labels, *more])
+def _packed(values, ids, labels) -> jax.Array:
+  """float32 values, int32 ids and labels of one shape, stacked as int32 (the values as their
+  bits), so that one collective moves them all."""
+  return jnp.stack([lax.bitcast_convert_type(values, jnp.int32), ids, labels])
 
 
 def _unpacked(packed: jax.Array):
-  """`_packed`'s arrays back: (values, ids, labels, *more)."""
+  """`_packed`'s arrays back: (values, ids, labels)."""
   return (lax.bitcast_convert_type(packed[0], jnp.float32), *packed[1:])
 
 
 def _candidates_of_my_queries(candidates, overflow, axis_name):
   """Each shard's (values, global ids, labels) candidates (Q, c) -> all shards' candidates of
   this shard's part of the queries, (Q / D, D * c) in shard order (so in global index order),
-  and whether any shard overflowed. One all-to-all: every shard merges Q / D queries."""
+  and whether any shard overflowed. One all-to-all: every shard merges Q / D queries. A shard
+  that overflowed sends ids -1 (global ids are >= 0), so every shard learns it."""
   if axis_name is None:
     return candidates, overflow
   shards = sharding.num_shards(axis_name)
   values, ids, labels = candidates
-  flag = jnp.broadcast_to(overflow.astype(jnp.int32), ids.shape)
   num_queries, width = ids.shape
-  packed = _packed(values, ids, labels, flag).reshape(4, shards, num_queries // shards, width)
-  # Received: (4, D sources, Q / D, c) -> (4, Q / D, D * c).
+  packed = _packed(values, jnp.where(overflow, -1, ids), labels)
+  packed = packed.reshape(3, shards, num_queries // shards, width)
+  # Received: (3, D sources, Q / D, c) -> (3, Q / D, D * c).
   packed = lax.all_to_all(packed, axis_name, split_axis=1, concat_axis=1, tiled=True)
-  values, ids, labels, flag = _unpacked(
-      packed.transpose(0, 2, 1, 3).reshape(4, num_queries // shards, -1))
-  return (values, ids, labels), jnp.any(flag > 0)
+  values, ids, labels = _unpacked(packed.transpose(0, 2, 1, 3).reshape(3, num_queries // shards, -1))
+  return (values, ids, labels), jnp.any(ids < 0)
 
 
 def _as_candidates(neighbors: "Neighbors", width: int):
