@@ -46,9 +46,12 @@ from instdisc_jax.sharding import num_shards
 
 _MASKED = -jnp.inf
 
-# Entries per block, blocks per super-block.
-BLOCK = 16
-SUPER_BLOCK = 4
+# Entries per block (a block's hits are the bits of a uint32 mask), blocks per super-block. The
+# super-blocks (64 entries) set the threshold; blocks of 32 rather than 16 halve the per-block
+# work of the compaction (a binary search step fewer) for the same candidates: the kNN took 718
+# against 735 ms side by side (2 devices, 30,000-row shards, k = 200, 10,000 queries).
+BLOCK = 32
+SUPER_BLOCK = 2
 # Bisection steps of a shard's bound (a bracket 2^-12 of its maxima's range wide).
 LOCAL_BISECTION_STEPS = 12
 THRESHOLD_EDGES = 16
@@ -158,6 +161,10 @@ def threshold_from_bounds(bounds: jax.Array, super_max: jax.Array, k: int,
   return jnp.where(found, lo, _MASKED)
 
 
+def _bit_count(masks: jax.Array) -> jax.Array:
+  return lax.population_count(masks).astype(jnp.int32)
+
+
 def _at(x: jax.Array, rows: jax.Array) -> jax.Array:
   """x[rows[i, q], q]: look-ups whose rows are in range by construction (no clamping)."""
   return jnp.take_along_axis(x, rows, axis=0, mode="promise_in_bounds")
@@ -178,13 +185,14 @@ def candidates_above(scores: jax.Array, num_valid: jax.Array, threshold: jax.Arr
   # A reduction over the block's rows (the bits are distinct, so their sum is their OR): XLA
   # materialises it once. Elementwise ops are fused into their consumers instead, and the masks
   # were then recomputed from the scores by each of them (the prefix sum's levels, the look-ups).
-  bits = (1 << jnp.arange(BLOCK, dtype=jnp.int32))[:, None]
-  masks = jnp.sum(jnp.where(b.blocks >= threshold, bits, 0), axis=1)
-  partial_masks = jnp.sum(jnp.where(b.partial_valid & (b.partial_scores >= threshold), bits, 0),
-                          axis=0)
-  masks = b.per_block(masks, partial_masks, 0)
+  none = jnp.uint32(0)
+  bits = (jnp.uint32(1) << jnp.arange(BLOCK, dtype=jnp.uint32))[:, None]
+  masks = jnp.sum(jnp.where(b.blocks >= threshold, bits, none), axis=1, dtype=jnp.uint32)
+  partial_masks = jnp.sum(jnp.where(b.partial_valid & (b.partial_scores >= threshold), bits, none),
+                          axis=0, dtype=jnp.uint32)
+  masks = b.per_block(masks, partial_masks, none)
   # A work-efficient scan: XLA:CPU's cumsum over 1,876 blocks cost 6x as much (a reduce window).
-  inclusive = lax.associative_scan(jnp.add, lax.population_count(masks), axis=0)
+  inclusive = lax.associative_scan(jnp.add, _bit_count(masks), axis=0)
   overflow = jnp.any(inclusive[-1] > buffer)
   # The look-ups below stay in the (blocks, Q) layout (slots are (buffer, Q)): the per-block
   # arrays are small enough to stay in cache, and transposing them cost more than it saved.
@@ -204,7 +212,7 @@ def candidates_above(scores: jax.Array, num_valid: jax.Array, threshold: jax.Arr
   block = jnp.minimum(first, num_blocks - 1)
   mask = _at(masks, block)
   # This slot is the entry of rank r among its block's entries >= T: the r-th set bit.
-  rank = slots - _at(inclusive, block) + lax.population_count(mask)
+  rank = slots - _at(inclusive, block) + _bit_count(mask)
 
   # Its offset by halving: with c set bits in the lower half, the entry lies in the upper half
   # (offset + half, rank - c) if rank >= c; log2(BLOCK) steps. A loop, whose results XLA
@@ -212,7 +220,7 @@ def candidates_above(scores: jax.Array, num_valid: jax.Array, threshold: jax.Arr
   def halve(step, carry):
     offset, rank, mask = carry
     half = (BLOCK // 2) >> step
-    lower = lax.population_count(mask & ((1 << half) - 1))
+    lower = _bit_count(mask & jnp.uint32((1 << half) - 1))
     upper = rank >= lower
     return (jnp.where(upper, offset + half, offset), jnp.where(upper, rank - lower, rank),
             jnp.where(upper, mask >> half, mask))
