@@ -27,10 +27,11 @@ time), picks the k best. Every pass over the block is a vectorised reduction. Th
 a device's Q / D queries are kept until then, 2 k + 32 D each: Q (2 k / D + 32) entries, about
 the size of the (Q, k) result every device holds. A chunk whose candidates overflow a device's
 buffer (rare; data with many equal similarities) is selected again exactly with `lax.top_k` per
-shard and a merge, as are banks scored in several chunks and other backends (`top_k_of_prefix`: two stages through group
-maxima once rows are long against k, see `MIN_GROUP`). On a CPU host split into one device per
-core (as the trainer does), every device scores and selects its own shard and merges its part
-of the queries, so all cores work on the kNN.
+shard and a merge, as are banks scored in several chunks and other backends
+(`top_k_of_prefix`: two stages through group maxima once rows are long against k, see
+`MIN_GROUP`). On a CPU host split into one device per core (as the trainer does), every device
+scores and selects its own shard and merges its part of the queries, so all cores work on the
+kNN.
 
 `approx_recall` switches the per-chunk selection to `lax.approx_max_k`, which is only faster on
 TPU (on CPU and GPU it is an exact top-k under another name).
@@ -133,7 +134,8 @@ def _candidates_of_my_queries(candidates, overflow, axis_name):
   packed = packed.reshape(3, shards, num_queries // shards, width)
   # Received: (3, D sources, Q / D, c) -> (3, Q / D, D * c).
   packed = lax.all_to_all(packed, axis_name, split_axis=1, concat_axis=1, tiled=True)
-  values, ids, labels = _unpacked(packed.transpose(0, 2, 1, 3).reshape(3, num_queries // shards, -1))
+  values, ids, labels = _unpacked(
+      packed.transpose(0, 2, 1, 3).reshape(3, num_queries // shards, -1))
   return (values, ids, labels), jnp.any(ids < 0)
 
 
