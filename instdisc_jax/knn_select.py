@@ -22,7 +22,6 @@ import math
 import jax
 from jax import lax
 import jax.numpy as jnp
-import numpy as np
 
 _MASKED = -jnp.inf
 
@@ -189,17 +188,25 @@ def _bitonic_sort(values: jax.Array, keep: int):
     while distance >= 1:
       rows = values.shape[0]
       shape = (rows // (2 * distance), 2, distance, columns)
-      v, p = values.reshape(shape), positions.reshape(shape)
-      a_first = (v[:, 0] > v[:, 1]) | ((v[:, 0] == v[:, 1]) & (p[:, 0] < p[:, 1]))
-      block_start = np.arange(rows // (2 * distance)) * 2 * distance
-      descending = jnp.asarray((block_start & span) == 0)[:, None, None]
-      swap = a_first != descending
-      values, positions = (
-          jnp.stack([jnp.where(swap, x[:, 1], x[:, 0]), jnp.where(swap, x[:, 0], x[:, 1])],
-                    axis=1).reshape(rows, columns)
-          for x in (v, p))
+      (a, b), (pa, pb) = ((x[:, 0], x[:, 1]) for x in (values.reshape(shape),
+                                                       positions.reshape(shape)))
+      block = lax.broadcasted_iota(jnp.int32, a.shape, 0)
+      descending = ((block * (2 * distance)) & span) == 0
+      # Values need no tie-break: the larger goes first in a descending block (the same value
+      # whichever of two equal entries it came from); positions follow the pair order.
+      swap = ((a > b) | ((a == b) & (pa < pb))) != descending
+      larger, smaller = jnp.maximum(a, b), jnp.minimum(a, b)
+      values = _interleaved(jnp.where(descending, larger, smaller),
+                            jnp.where(descending, smaller, larger))
+      positions = _interleaved(jnp.where(swap, pb, pa), jnp.where(swap, pa, pb))
       if span == size and keep <= distance:
         values, positions = values[:distance], positions[:distance]
       distance //= 2
     span *= 2
   return values[:keep], positions[:keep]
+
+
+def _interleaved(first: jax.Array, second: jax.Array) -> jax.Array:
+  """(G, j, B) halves -> (2 G j, B): each block of 2 j rows the j of `first`, then of `second`."""
+  groups, distance, columns = first.shape
+  return jnp.stack([first, second], axis=1).reshape(2 * groups * distance, columns)
