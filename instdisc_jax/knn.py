@@ -141,7 +141,9 @@ def _candidates_of_my_queries(candidates, overflow, axis_name):
 
 def _as_candidates(neighbors: "Neighbors", width: int):
   """(values, ids, labels) candidates (Q, width) holding these neighbours (-inf after them)."""
-  pad = lambda x, fill: jnp.pad(x, ((0, 0), (0, width - x.shape[1])), constant_values=fill)
+  def pad(x, fill):
+    return jnp.pad(x, ((0, 0), (0, width - x.shape[1])), constant_values=fill)
+
   return pad(neighbors.scores, _MASKED), pad(neighbors.indices, 0), pad(neighbors.labels, 0)
 
 
@@ -193,14 +195,18 @@ def nearest_neighbors(queries: jax.Array, rows: jax.Array, labels: jax.Array, *,
   offset = sharding.shard_index(axis_name) * layout.rows_per_shard
   local_k = min(k, layout.rows_per_shard)
 
+  def labels_of(local_ids):
+    # Ids past the real rows come only with -inf, which never reaches the final k (the shards'
+    # real candidates number at least k); clipping keeps their label look-up in range.
+    return labels.at[jnp.minimum(local_ids, layout.rows_per_shard - 1)].get(
+        mode="promise_in_bounds")
+
   def exact_chunk(q):
     values, local_ids = _shard_top_k(q, rows, num_real, local_k, bank_chunk, approx_recall)
     return merged(values, local_ids, sorted_top_k=True)
 
   def merged(values, local_ids, sorted_top_k=False):
-    # Ids past the real rows come only with -inf, which never reaches the final k (the shards'
-    # real candidates number at least k); clipping keeps their label look-up in range.
-    cand_labels = labels[jnp.minimum(local_ids, layout.rows_per_shard - 1)]
+    cand_labels = labels_of(local_ids)
     cand_ids = local_ids + offset
     if axis_name is not None:
       # (Q, D * width) candidates in shard order, i.e. in global index order.
@@ -235,9 +241,7 @@ def nearest_neighbors(queries: jax.Array, rows: jax.Array, labels: jax.Array, *,
     q = q.astype(jnp.float32)
     values, local_ids, overflow = threshold_candidates(padded_rows @ q.T, num_real, k, buffer,
                                                        axis_name)
-    candidates = (canonical(values), local_ids + offset,
-                  labels.at[jnp.minimum(local_ids, layout.rows_per_shard - 1)].get(
-                      mode="promise_in_bounds"))
+    candidates = (canonical(values), local_ids + offset, labels_of(local_ids))
     candidates, overflow = _candidates_of_my_queries(candidates, overflow, axis_name)
     # Rare (about 1.2 k candidates are expected over all shards, up to 2 k + 32 D fit): the
     # whole chunk is selected again by `lax.top_k`, on every shard alike, and its k best stand
@@ -252,7 +256,10 @@ def nearest_neighbors(queries: jax.Array, rows: jax.Array, labels: jax.Array, *,
   values, ids, cand_labels = (x.reshape(-1, x.shape[-1]) for x in lax.map(one_chunk, chunks))
   best, pos = network_top_k(values, k)
   part = (num_chunks, query_chunk // layout.num_shards, k)
-  picked = lambda x: jnp.take_along_axis(x, pos, axis=1, mode="promise_in_bounds").reshape(part)
+
+  def picked(x):
+    return jnp.take_along_axis(x, pos, axis=1, mode="promise_in_bounds").reshape(part)
+
   out = Neighbors(scores=best.reshape(part), indices=picked(ids), labels=picked(cand_labels))
   # Each shard holds the neighbours of its part of every chunk, gathered once at the end.
   out = _gather_my_queries(out, axis_name)
